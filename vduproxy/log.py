@@ -37,5 +37,9 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
 
 
 def get_logger(name: str, **ctx: Any) -> Any:
-    """A bound logger; `name` becomes the `logger` key so lines can be filtered by module."""
-    return structlog.get_logger().bind(logger=name, **ctx)
+    """A lazy logger; `name` becomes the `logger` key so lines can be filtered by module.
+
+    Lazy on purpose: modules create their loggers at import time, before the CLI has configured structlog.
+    """
+    # `logger` is a parameter name of structlog.wrap_logger, so the key is passed through the context dict.
+    return structlog.wrap_logger(None, **{"logger_name": name, **ctx})

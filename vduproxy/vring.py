@@ -180,6 +180,6 @@ class SplitRingDriver:
         """Whether the device asked to be kicked for avail moving from old_avail to the current index."""
         used_off = self.layout.used_off
         if self.event_idx:
-            avail_event = _U16.unpack_from(self.mem, used_off + 4 + 8 * self.num)[0]
+            avail_event = int(_U16.unpack_from(self.mem, used_off + 4 + 8 * self.num)[0])
             return ((self.avail_idx - avail_event - 1) & 0xFFFF) < ((self.avail_idx - old_avail) & 0xFFFF)
         return not (_U16.unpack_from(self.mem, used_off)[0] & 1)
