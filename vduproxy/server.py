@@ -21,13 +21,13 @@ import trio
 
 from .log import get_logger
 from .vhost_user.connection import BackendConnection, ProtocolError, Request, describe
+from .vhost_user.wire import HEADER_SIZE
 
 log = get_logger(__name__)
 
 # A message whose header arrived must be complete within this time, so a peer that stalls mid-message cannot
 # hold the connection (and its resources) forever.
 MESSAGE_TIMEOUT = 10.0
-RECV_SIZE = 65536
 MAX_FDS_PER_MSG = 32  # vhost-user allows 8 (memory table); anything beyond is truncated and rejected
 _conn_ids = itertools.count(1)
 
@@ -81,47 +81,73 @@ async def _send(sock: trio.socket.SocketType, data: bytes, fds: list[int]) -> No
         view = view[n:]
 
 
+async def _recv_part(sock: trio.socket.SocketType, n: int, conn: BackendConnection) -> bool:
+    """Read at most n bytes (and their fds) into `conn`; False on end of stream."""
+    data, ancdata, msg_flags, _ = await sock.recvmsg(
+        n, pysocket.CMSG_SPACE(MAX_FDS_PER_MSG * 4), pysocket.MSG_CMSG_CLOEXEC
+    )
+    fds = _recv_fds(ancdata)
+    if msg_flags & pysocket.MSG_CTRUNC:
+        _close_all(fds)
+        raise ProtocolError(None, "too many file descriptors in one message (control data truncated)")
+    if not data:
+        _close_all(fds)
+        return False
+    conn.receive_data(data, fds)
+    return True
+
+
+async def _read_request(sock: trio.socket.SocketType, conn: BackendConnection) -> Request | None:
+    """One request: header first, then exactly its body, like libvhost-user.
+
+    Never read past a message: a unix stream read may join several messages while the fds arrive with the last
+    one, so a large read would attach fds to the wrong message. Reading one message at a time keeps each
+    sendmsg's fds with its own message. None = the peer closed the stream between messages.
+    """
+    if not await _recv_part(sock, HEADER_SIZE, conn):
+        conn.close()  # nothing buffered: a clean end of stream
+        return None
+    # Once a message has started, the rest must come soon: a stalled peer must not hold the connection.
+    with trio.move_on_after(MESSAGE_TIMEOUT) as scope:
+        while (req := conn.next_request()) is None:
+            missing = conn.missing_bytes()
+            if not await _recv_part(sock, missing, conn):
+                conn.close()  # raises: the stream ended inside a message
+                raise ProtocolError(None, "connection closed inside a message")
+    if scope.cancelled_caught:
+        raise ProtocolError(None, f"incomplete message: no data for {MESSAGE_TIMEOUT:.0f} s")
+    return req
+
+
+
 async def run_connection(sock: trio.socket.SocketType, backend: Backend, conn_id: int) -> None:
     """Serve one front-end until it disconnects or breaks the protocol. Always closes `backend` and `sock`."""
     clog = log.bind(conn=conn_id)
     conn = BackendConnection(offered_protocol_features=backend.offered_protocol_features())
     try:
         while True:
-            # Wait forever for the start of a message, but bounded once a partial one is buffered.
-            timeout = MESSAGE_TIMEOUT if getattr(conn, "buffered_bytes", 1) else float("inf")
-            with trio.move_on_after(timeout) as scope:
-                data, ancdata, msg_flags, _ = await sock.recvmsg(
-                    RECV_SIZE, pysocket.CMSG_SPACE(MAX_FDS_PER_MSG * 4), pysocket.MSG_CMSG_CLOEXEC
-                )
-            if scope.cancelled_caught:
-                raise ProtocolError(None, f"incomplete message: no data for {MESSAGE_TIMEOUT:.0f} s")
-            fds = _recv_fds(ancdata)
-            if msg_flags & pysocket.MSG_CTRUNC:
-                _close_all(fds)
-                raise ProtocolError(None, "too many file descriptors in one message (control data truncated)")
-            if not data:
-                _close_all(fds)
-                conn.close()  # raises ProtocolError when the stream ended inside a message
+            req = await _read_request(sock, conn)
+            if req is None:
                 clog.info("frontend_disconnected")
                 return
-            conn.receive_data(data, fds)
-            while (req := conn.next_request()) is not None:
-                clog.debug("vhost_user_request", **describe(req))
-                try:
-                    reply = await backend.handle(req)
-                finally:
-                    req.fds.close_rest()
-                out = conn.complete(req, reply.value, error=reply.error)
-                if out:
-                    await _send(sock, out, reply.fds)
-                _close_all(reply.fds)  # our copies: the kernel duplicated them into the peer
+            clog.debug("vhost_user_request", **describe(req))
+            try:
+                reply = await backend.handle(req)
+            finally:
+                req.fds.close_rest()
+            out = conn.complete(req, reply.value, error=reply.error)
+            if out:
+                await _send(sock, out, reply.fds)
+            _close_all(reply.fds)  # our copies: the kernel duplicated them into the peer
     except ProtocolError as exc:
         clog.error("vhost_user_protocol_error", **exc.to_event())
-        conn.abort()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
         clog.warning("frontend_connection_lost", error=str(exc))
-        conn.abort()
+    except Exception as exc:
+        # A device error or a bug ends this connection only; the listener and other sockets keep serving.
+        clog.exception("backend_failure", error=repr(exc))
     finally:
+        conn.abort()  # closes any fd still buffered for messages never handled
         with trio.CancelScope(shield=True):
             try:
                 await backend.close()

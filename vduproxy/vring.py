@@ -68,7 +68,9 @@ class SplitRingDriver:
     offset 0 of `mem` (so the ring parts are at dev_addr + layout.*_off).
     """
 
-    def __init__(self, mem: memoryview, layout: RingLayout, dev_addr: int, *, event_idx: bool = False) -> None:
+    def __init__(
+        self, mem: memoryview, layout: RingLayout, dev_addr: int, *, event_idx: bool = False
+    ) -> None:
         self.mem = mem
         self.layout = layout
         self.num = layout.num
@@ -107,7 +109,9 @@ class SplitRingDriver:
     def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
         _DESC.pack_into(self.mem, self.layout.desc_off + DESC_SIZE * i, addr, length, flags, nxt)
 
-    def add(self, bufs: list[Buf], token: object = None, *, indirect_at: tuple[memoryview, int] | None = None) -> int:
+    def add(
+        self, bufs: list[Buf], token: object = None, *, indirect_at: tuple[memoryview, int] | None = None
+    ) -> int:
         """Queue one chain; returns its head. With `indirect_at=(table_mem, table_dev_addr)` the chain goes into
         an indirect table in that buffer and uses one ring descriptor."""
         if not bufs:
@@ -115,8 +119,12 @@ class SplitRingDriver:
         if indirect_at is not None:
             table, table_addr = indirect_at
             for k, b in enumerate(bufs):
-                flags = (VRING_DESC_F_WRITE if b.writable else 0) | (VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0)
-                _DESC.pack_into(table, DESC_SIZE * k, b.addr, b.length, flags, k + 1 if k + 1 < len(bufs) else 0)
+                flags = (VRING_DESC_F_WRITE if b.writable else 0) | (
+                    VRING_DESC_F_NEXT if k + 1 < len(bufs) else 0
+                )
+                _DESC.pack_into(
+                    table, DESC_SIZE * k, b.addr, b.length, flags, k + 1 if k + 1 < len(bufs) else 0
+                )
             if not self.free:
                 raise RingFull
             head = self.free.pop()

@@ -25,6 +25,7 @@ REQUIRED_BINARIES = {
     "dpdk-testpmd": "dpdk-dev",
     "ip": "iproute2",
     "stdbuf": "coreutils",
+    "busybox": "busybox-static",
 }
 
 

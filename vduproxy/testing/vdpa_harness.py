@@ -226,6 +226,8 @@ class DeviceHarness:
         base: int = 0,
         rx_buf_size: int | None = None,
         use_cvq: bool = True,
+        clamp_pairs: bool = False,
+        prefill_rx: bool = True,
         timeout: float | None = None,
     ) -> None:
         self.device = device
@@ -236,6 +238,8 @@ class DeviceHarness:
         self.base = base & 0xFFFF
         self.requested_rx_buf_size = rx_buf_size
         self.use_cvq = use_cvq
+        self.clamp_pairs = clamp_pairs
+        self.prefill_rx = prefill_rx
         self.timeout = (
             timeout if timeout is not None else float(os.environ.get("VDUPROXY_TEST_TIMEOUT", "10"))
         )
@@ -275,12 +279,17 @@ class DeviceHarness:
     def start(self) -> DeviceHarness:
         self.negotiate_backend()
         self.negotiate()
+        return self.bring_up()
+
+    def bring_up(self) -> DeviceHarness:
+        """Everything after feature negotiation: memory, vqs, DRIVER_OK, RX buffers posted."""
         self.plan()
         self.map_memory()
         self.setup_vqs()
         self.driver_ok()
-        for pair in range(self.pairs):
-            self.post_rx(pair)
+        if self.prefill_rx:
+            for pair in range(self.pairs):
+                self.post_rx(pair)
         return self
 
     def negotiate_backend(self) -> int:
@@ -328,6 +337,8 @@ class DeviceHarness:
         dev = self.device
         self.max_pairs = self.config_max_pairs() if self.has(NetF.MQ) else 1
         want_pairs = self.requested_pairs if self.requested_pairs is not None else 1
+        if self.clamp_pairs:
+            want_pairs = min(want_pairs, self.max_pairs)
         if not 1 <= want_pairs <= self.max_pairs:
             raise HarnessError(f"{want_pairs} queue pairs requested, device has {self.max_pairs}")
         self.pairs = want_pairs

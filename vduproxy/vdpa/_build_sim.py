@@ -6,10 +6,11 @@ setup.py lists `vduproxy/vdpa/_build_sim.py:ffibuilder`; for an in-place develop
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 
-from cffi import FFI
+from cffi import FFI  # type: ignore[import-untyped]
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _HEADER = _HERE / "sim_core.h"
@@ -27,6 +28,11 @@ def _cdef_from_header(text: str) -> str:
     return consts + "\n" + body
 
 
+# VDUPROXY_SIM_SANITIZE=1 builds with ASan+UBSan (tests/unit/test_sim_sanitizers.py); load it with
+# LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+_EXTRA = _SANITIZE if os.environ.get("VDUPROXY_SIM_SANITIZE") == "1" else []
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header(_HEADER.read_text()))
 ffibuilder.set_source(
@@ -34,7 +40,8 @@ ffibuilder.set_source(
     '#include "sim_core.h"\n',
     sources=[str(_SOURCE)],
     include_dirs=[str(_HERE)],
-    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],
+    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", *_EXTRA],
+    extra_link_args=_EXTRA,
     libraries=["pthread"],
 )
 
@@ -43,7 +50,9 @@ def build_inplace() -> pathlib.Path:
     """Compile under build/cffi and copy the extension next to this file (development use, tests)."""
     import shutil
 
-    built = pathlib.Path(ffibuilder.compile(tmpdir=str(_HERE.parent.parent / "build" / "cffi"), verbose=False))
+    built = pathlib.Path(
+        ffibuilder.compile(tmpdir=str(_HERE.parent.parent / "build" / "cffi"), verbose=False)
+    )
     dest = _HERE / built.name
     shutil.copy2(built, dest)
     return dest

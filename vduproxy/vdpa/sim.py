@@ -1,11 +1,11 @@
-"""The software vDPA net device ("sim"): control plane in Python, data path in C (sim_core.c, one native thread).
+"""The software vDPA net device ("sim"): control plane in Python, data path in C (sim_core.c, own thread).
 
 It behaves like Linux vhost-vdpa over a virtio-net device (drivers/vhost/vdpa.c + vdpa_sim_net.c) so the proxy
 runs unchanged against it and against /dev/vhost-vdpa-N. This is the only module importing `_sim_core`.
 
 Device spec: `sim[:key=value,...]` with keys
   profile=NAME_OR_PATH   a packaged profile (rich, vdpasim, basic) or a TOML file; default rich
-  backend=loopback|tap|sink   TX looped to RX of the same pair (default), written to a TAP, or counted and dropped
+  backend=loopback|tap|sink   TX looped to RX of the same pair (default), written to a TAP, or counted
   tap=IFNAME             TAP interface for backend=tap (implies it)
   mac=02:00:00:00:00:01  overrides the profile's MAC
   busy_poll_us=N         keep polling N µs after the last work before sleeping in epoll
@@ -169,7 +169,9 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
     """Validate a profile table (as parsed from TOML)."""
     unknown = sorted(set(raw) - _PROFILE_KEYS)
     if unknown:
-        raise SimConfigError(f"profile {name}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_PROFILE_KEYS))})")
+        raise SimConfigError(
+            f"profile {name}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_PROFILE_KEYS))})"
+        )
     if "features" not in raw:
         raise SimConfigError(f"profile {name}: 'features' is required")
     data = {**_PROFILE_DEFAULTS, **raw}
@@ -177,7 +179,9 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
         features = _flags("features", data["features"], NetF)
         backend = _flags("backend_features", data["backend_features"], BackendF)
         if features & ~SUPPORTED_FEATURES:
-            raise SimConfigError(f"features not implemented by the sim: {NetF(features & ~SUPPORTED_FEATURES)!r}")
+            raise SimConfigError(
+                f"features not implemented by the sim: {NetF(features & ~SUPPORTED_FEATURES)!r}"
+            )
         if backend & ~SUPPORTED_BACKEND:
             raise SimConfigError(
                 f"backend features not implemented by the sim: {BackendF(backend & ~SUPPORTED_BACKEND)!r}"
@@ -197,7 +201,9 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 for v in iova)
             or iova[0] > iova[1]
         ):
-            raise SimConfigError(f"iova_range must be [first, last] with 0 <= first <= last < 2**64, got {iova!r}")
+            raise SimConfigError(
+                f"iova_range must be [first, last] with 0 <= first <= last < 2**64, got {iova!r}"
+            )
         if not isinstance(data["mac"], str):
             raise SimConfigError("mac must be a string like 02:00:00:00:00:01")
         if not isinstance(data["description"], str):
@@ -474,12 +480,16 @@ class SimDevice:
         if not 0 < status <= 0xFF:
             raise DeviceError("set_status", f"{status:#x} is not a status byte", errno.EINVAL)
         if old & ~status:
-            raise DeviceError("set_status", f"status {old:#x} -> {status:#x} clears bits (only reset may)", errno.EINVAL)
+            raise DeviceError(
+                "set_status", f"status {old:#x} -> {status:#x} clears bits (only reset may)", errno.EINVAL
+            )
         new = status
         if new & Status.FEATURES_OK and not old & Status.FEATURES_OK:
             missing = _REQUIRED_FOR_FEATURES_OK & ~self._features
             if missing:
-                self.log.warning("features_ok_refused", missing=repr(NetF(missing)), features=hex(self._features))
+                self.log.warning(
+                    "features_ok_refused", missing=repr(NetF(missing)), features=hex(self._features)
+                )
                 new &= ~Status.FEATURES_OK
             else:
                 self._check("set_status", lib.sim_set_features(dev, self._features))
@@ -502,7 +512,9 @@ class SimDevice:
     def get_config(self, offset: int, length: int) -> bytes:
         dev = self._handle("get_config")
         if not (0 <= offset <= CONFIG_SIZE and 0 < length <= CONFIG_SIZE):
-            raise DeviceError("get_config", f"offset {offset} length {length} outside {CONFIG_SIZE}", errno.EINVAL)
+            raise DeviceError(
+                "get_config", f"offset {offset} length {length} outside {CONFIG_SIZE}", errno.EINVAL
+            )
         buf = ffi.new("uint8_t[]", length)
         self._check("get_config", lib.sim_get_config(dev, offset, buf, length))
         return bytes(ffi.buffer(buf, length))
@@ -510,7 +522,9 @@ class SimDevice:
     def set_config(self, offset: int, data: bytes) -> None:
         dev = self._handle("set_config")
         if not (0 <= offset < CONFIG_SIZE and 0 < len(data) <= CONFIG_SIZE):
-            raise DeviceError("set_config", f"offset {offset} length {len(data)} outside the MAC", errno.EINVAL)
+            raise DeviceError(
+                "set_config", f"offset {offset} length {len(data)} outside the MAC", errno.EINVAL
+            )
         self._check("set_config", lib.sim_set_config(dev, offset, data, len(data)))
 
     # ------------------------------------------------------------ topology
@@ -580,11 +594,15 @@ class SimDevice:
 
     def set_vring_kick(self, index: int, fd: int) -> None:
         dev = self._handle("set_vring_kick")
-        self._check("set_vring_kick", lib.sim_set_vring_kick(dev, index, self._set_fd("set_vring_kick", index, fd)))
+        self._check(
+            "set_vring_kick", lib.sim_set_vring_kick(dev, index, self._set_fd("set_vring_kick", index, fd))
+        )
 
     def set_vring_call(self, index: int, fd: int) -> None:
         dev = self._handle("set_vring_call")
-        self._check("set_vring_call", lib.sim_set_vring_call(dev, index, self._set_fd("set_vring_call", index, fd)))
+        self._check(
+            "set_vring_call", lib.sim_set_vring_call(dev, index, self._set_fd("set_vring_call", index, fd))
+        )
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         dev = self._handle("set_vring_enable")
@@ -626,7 +644,9 @@ class SimDevice:
         if not self.get_iova_range().contains(iova, size):
             rng = self.get_iova_range()
             raise DeviceError(
-                op, f"[{iova:#x}, +{size:#x}) outside the IOVA range [{rng.first:#x}, {rng.last:#x}]", errno.EFAULT
+                op,
+                f"[{iova:#x}, +{size:#x}) outside the IOVA range [{rng.first:#x}, {rng.last:#x}]",
+                errno.EFAULT,
             )
         if not 0 < uaddr < 1 << 64 or uaddr + size > 1 << 64:
             raise DeviceError(op, f"uaddr {uaddr:#x} size {size:#x} is not a user range", errno.EFAULT)
@@ -635,7 +655,9 @@ class SimDevice:
             raise DeviceError(op, f"uaddr range [{uaddr:#x}, +{size:#x}): {problem}", errno.EFAULT)
         rc = lib.sim_iotlb_update(dev, asid, iova, size, uaddr, int(perm))
         if rc == -errno.EEXIST:
-            raise DeviceError(op, f"[{iova:#x}, +{size:#x}) overlaps an existing map in asid {asid}", errno.EFAULT)
+            raise DeviceError(
+                op, f"[{iova:#x}, +{size:#x}) overlaps an existing map in asid {asid}", errno.EFAULT
+            )
         if rc < 0:
             raise DeviceError(op, os.strerror(-rc), errno.EFAULT)
 
@@ -680,10 +702,8 @@ class SimDevice:
         self._vq("vq_stats", index)
         s = ffi.new("struct sim_vq_stats *")
         self._check("vq_stats", lib.sim_vq_stats(dev, index, s))
-        return VqStats(
-            packets=s.packets, bytes=s.bytes, kicks=s.kicks, calls=s.calls, faults=s.faults, dropped=s.dropped,
-            error=ffi.string(s.error).decode(errors="replace") if s.has_error else None,
-        )  # fmt: skip
+        error = ffi.string(s.error).decode(errors="replace") if s.has_error else None
+        return VqStats(s.packets, s.bytes, s.kicks, s.calls, s.faults, s.dropped, error)
 
     def fault_fd(self) -> int:
         return int(lib.sim_fault_fd(self._handle("fault_fd")))
@@ -695,7 +715,9 @@ class SimDevice:
         out = []
         f = ffi.new("struct sim_fault *")
         while lib.sim_take_fault(dev, f) == 1:
-            out.append(DeviceFault(vq=f.vq, reason=ffi.string(f.reason).decode(errors="replace"), iova=f.iova))
+            out.append(
+                DeviceFault(vq=f.vq, reason=ffi.string(f.reason).decode(errors="replace"), iova=f.iova)
+            )
         for fault in out:
             self.log.warning("device_fault", vq=fault.vq, reason=fault.reason, iova=hex(fault.iova))
         return out

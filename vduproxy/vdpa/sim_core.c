@@ -208,8 +208,16 @@ static uint32_t vq_asid(const struct sim_dev *d, uint32_t idx)
 static bool vq_running(const struct sim_dev *d, uint32_t idx)
 {
     const struct vq *q = &d->vq[idx];
-    if ((int)idx == d->cvq_index && !(d->features & F_CTRL_VQ)) {
-        return false;
+    if ((int)idx == d->cvq_index) {
+        if (!(d->features & F_CTRL_VQ)) {
+            return false;
+        }
+    } else {
+        /* virtio 1.3 5.1.6.5.5: only the first pair is in use until VQ_PAIRS_SET says otherwise */
+        uint32_t active = (d->features & F_MQ) ? d->filt.active_pairs : 1;
+        if (idx / 2 >= active) {
+            return false;
+        }
     }
     return d->driver_ok && !d->suspended && q->started && q->addr_set && !q->has_error;
 }
@@ -1074,8 +1082,8 @@ static uint32_t run_round(struct sim_dev *d, bool *more)
     if (d->cvq_index >= 0 && vq_running(d, (uint32_t)d->cvq_index)) {
         uint32_t n = process_cvq(d, (uint32_t)d->cvq_index);
         total += n;
-        if (n == SIM_BUDGET) {
-            *more = true;
+        if (n) {
+            *more = true; /* a command may have activated queue pairs the TX pass above skipped */
         }
     }
     if (d->tap_fd >= 0) {

@@ -265,6 +265,15 @@ class _Base:
         """Bytes of a message that is not complete yet are buffered (the server bounds how long it waits)."""
         return len(self._inbox.buf) > 0
 
+    def missing_bytes(self) -> int:
+        """How many more bytes complete the message being buffered (a header first, then its body). Reading
+        exactly this much keeps every recvmsg inside one message, so fds arrive with their own message."""
+        buf = self._inbox.buf
+        if len(buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(buf)
+        size = int.from_bytes(buf[8:12], "little")
+        return max(HEADER_SIZE + size - len(buf), 1)
+
     def describe(self, msg: Request | Reply) -> dict[str, Any]:
         return describe(msg)
 

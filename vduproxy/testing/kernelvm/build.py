@@ -1,4 +1,4 @@
-"""Build (or fetch from the cache) the test-tier kernel: Debian's linux-source-6.1, tinyconfig + `vdpa.config`.
+"""Build (or take from the cache) the test-tier kernel: Debian's linux-source-6.1, tinyconfig + vdpa.config.
 
 Debian's packaged 6.1 kernel has CONFIG_VDPA unset, so the kernel tier needs its own kernel. A clean build
 takes about ten minutes on two cores, so the result is cached outside the checkout under
@@ -87,7 +87,7 @@ def parse_fragment(text: str) -> dict[str, str]:
 
 
 def source_version() -> str:
-    """The installed linux-source-6.1 package version, which names the source the cache entry was built from."""
+    """The installed linux-source-6.1 package version: it names the source a cache entry was built from."""
     try:
         out = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
@@ -161,8 +161,11 @@ def _check_tools() -> None:
     missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
         raise KernelBuildError(f"kernel build tools missing from PATH: {', '.join(missing)}")
-    # libelf-dev and libssl-dev are headers, not binaries: objtool and the certificate tooling include them.
-    for header, package in (("/usr/include/gelf.h", "libelf-dev"), ("/usr/include/openssl/ssl.h", "libssl-dev")):
+    # libelf-dev and libssl-dev are headers, not binaries: objtool and the cert tooling include them.
+    for header, package in (
+        ("/usr/include/gelf.h", "libelf-dev"),
+        ("/usr/include/openssl/ssl.h", "libssl-dev"),
+    ):
         if not Path(header).is_file():
             raise KernelBuildError(f"{header} missing: apt-get install {package}")
 
@@ -191,7 +194,9 @@ def _unpack_source(version: str) -> Path:
 
 def _make(src: Path, out: Path, target: str, logf: Path) -> None:
     with logf.open("ab") as f:
-        proc = subprocess.run(["make", "-C", str(src), f"O={out}", target], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            ["make", "-C", str(src), f"O={out}", target], stdout=f, stderr=subprocess.STDOUT
+        )
     if proc.returncode != 0:
         raise KernelBuildError(f"make {target} failed (rc {proc.returncode}); see {logf}")
 
@@ -219,7 +224,9 @@ def _configure(src: Path, out: Path, symbols: dict[str, str], logf: Path) -> Non
         if got != value:
             wrong.append(f"{sym}={value} (got {got})")
     if wrong:
-        raise KernelBuildError("config fragment symbols did not take (missing dependency?): " + ", ".join(wrong))
+        raise KernelBuildError(
+            "config fragment symbols did not take (a missing dependency?): " + ", ".join(wrong)
+        )
 
 
 def _read_config(path: Path) -> dict[str, str]:

@@ -1,0 +1,1330 @@
+/*
+ * svq_core: shadow virtqueue data path. See svq_core.h for the contract.
+ *
+ * Trust model: guest memory (rings, descriptors, indirect tables) is written concurrently by a possibly hostile
+ * guest, so every value is read once into a local copy and checked before use. Shadow ring memory is written by
+ * the device: its used ring is checked the same way, and what each shadow descriptor stands for is kept in
+ * private arrays, never read back from shared memory.
+ */
+#define _GNU_SOURCE
+#include "svq_core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "virtio 1.x rings are little endian and this core reads them natively"
+#endif
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define AVAIL_F_NO_INTERRUPT 1
+#define USED_F_NO_NOTIFY 1
+#define DESC_SIZE 16u
+#define NO_DESC UINT32_MAX
+#define CTL_TOKEN UINT64_MAX
+#define LOG_PAGE_SHIFT 12
+#define GUEST_FLAGS (SVQ_F_EVENT_IDX | SVQ_F_INDIRECT | SVQ_F_MRG_RXBUF | SVQ_F_RX | SVQ_F_LOG)
+#define DEV_FLAGS (SVQ_DEV_EVENT_IDX | SVQ_DEV_INDIRECT)
+
+struct vdesc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+_Static_assert(sizeof(struct vdesc) == DESC_SIZE, "split ring descriptor is 16 bytes");
+
+struct used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+/* The guest's ring: the core plays the device toward it. */
+struct gring {
+    uint32_t num;
+    uint8_t *desc, *avail, *used;
+    uint64_t desc_gpa, avail_gpa, used_gpa, log_used_gpa;
+    uint16_t last_avail, used_idx;
+    int kick_fd, call_fd;
+    bool call_is_efd;
+    uint32_t flags;
+};
+
+/* What one shadow descriptor stands for, kept privately so a device scribbling on the table cannot mislead. */
+struct sdesc {
+    uint64_t gpa;
+    uint32_t len;
+    uint16_t flags; /* DESC_F_WRITE or DESC_F_INDIRECT (a passed-through guest table) */
+};
+
+struct shead {
+    uint64_t wlen;       /* writable bytes of the whole chain: the most a used length may claim */
+    uint32_t ndesc;
+    uint16_t guest_head;
+    uint16_t avail_pos;  /* shadow avail index this chain was published at */
+    bool in_use;
+};
+
+/* The shadow ring: the core plays the driver toward the device. */
+struct sring {
+    uint32_t num;
+    uint8_t *desc, *avail, *used;
+    uint16_t avail_idx, last_used;
+    int kick_fd, call_fd;
+    bool kick_is_efd;
+    uint32_t flags;
+    uint32_t free_head, nfree, inflight;
+    uint32_t *next; /* free list and chain links */
+    struct sdesc *sd;
+    struct shead *hd;
+};
+
+struct vq {
+    struct gring g;
+    struct sring sh;
+    bool has_guest, has_shadow;
+    uint32_t broken; /* atomic: set once with release after `reason` is written */
+    char reason[SVQ_REASON_LEN];
+    struct svq_stats st; /* counters: atomic adds by whoever processes, atomic loads by readers */
+};
+
+struct svq {
+    uint32_t nvqs;
+    int error_efd, ctl_efd, epfd;
+    bool running;
+    uint32_t busy_poll_us;
+    pthread_t thread;
+    pthread_mutex_t lock; /* serialises API calls; the data-path thread never takes it */
+    struct svq_region *regions;
+    uint32_t nregions;
+    bool identity; /* every region has iova == gpa: guest indirect tables are valid as the device reads them */
+    uint8_t *log;
+    uint64_t log_size;
+    struct vq *vqs;
+};
+
+/* ---- small helpers --------------------------------------------------------------------------------------- */
+
+static inline uint16_t ld16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED); }
+static inline uint16_t ld16_acq(const uint8_t *p) { return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_ACQUIRE); }
+static inline void st16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELAXED); }
+static inline void st16_rel(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE); }
+static inline void full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void stat_add(uint64_t *c, uint64_t v) { if (v) __atomic_fetch_add(c, v, __ATOMIC_RELAXED); }
+static inline bool is_pow2(uint32_t n) { return n && !(n & (n - 1)); }
+
+/* virtio's vring_need_event: was event_idx crossed when the index moved from old to new? */
+static inline bool need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+static bool is_broken(const struct vq *q) { return __atomic_load_n(&q->broken, __ATOMIC_ACQUIRE) != 0; }
+
+static void signal_fd(int fd)
+{
+    uint64_t one = 1;
+    if (fd >= 0 && write(fd, &one, sizeof(one)) < 0) {
+        /* a full or closed error fd must not stop the data path; the broken flag is still readable */
+    }
+}
+
+__attribute__((format(printf, 3, 4))) static int vq_fail(svq_t *s, struct vq *q, const char *fmt, ...)
+{
+    if (is_broken(q))
+        return -EIO;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q->reason, sizeof(q->reason), fmt, ap);
+    va_end(ap);
+    stat_add(&q->st.faults, 1);
+    __atomic_store_n(&q->broken, 1, __ATOMIC_RELEASE);
+    signal_fd(s->error_efd);
+    return -EIO;
+}
+
+static bool fd_is_eventfd(int fd)
+{
+    char path[64], target[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(path, target, sizeof(target) - 1);
+    if (n < 0)
+        return false;
+    target[n] = '\0';
+    return strcmp(target, "anon_inode:[eventfd]") == 0;
+}
+
+static int dup_fd(int fd, int *out)
+{
+    if (fd < 0) {
+        *out = -1;
+        return 0;
+    }
+    int d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (d < 0)
+        return -errno;
+    *out = d;
+    return 0;
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+/* A SIGPIPE raised by a write in a thread that blocks it stays pending; take it so it never fires later. */
+static void consume_sigpipe(void)
+{
+    sigset_t pending, pipe_set;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    if (sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE)) {
+        struct timespec zero = {0, 0};
+        sigtimedwait(&pipe_set, NULL, &zero);
+    }
+}
+
+/*
+ * Write one event. Eventfds never block on a write of 1; anything else (a pipe, a socket) is checked for room
+ * first so a peer that stops reading cannot stall the thread. Returns 1 sent, 0 skipped, -errno on failure.
+ */
+static int notify_fd(int fd, bool is_efd)
+{
+    if (fd < 0)
+        return 0;
+    if (!is_efd) {
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        int rc = poll(&p, 1, 0);
+        if (rc < 0)
+            return errno == EINTR ? 0 : -errno;
+        if (p.revents & POLLNVAL)
+            return -EBADF;
+        if (!(p.revents & (POLLOUT | POLLERR | POLLHUP)))
+            return 0;
+    }
+    uint64_t one = 1;
+    ssize_t w = write(fd, &one, sizeof(one));
+    if (w == (ssize_t)sizeof(one))
+        return 1;
+    if (w >= 0)
+        return -EIO;
+    int e = errno;
+    if (e == EAGAIN || e == EINTR)
+        return 0;
+    if (e == EPIPE)
+        consume_sigpipe();
+    return -e;
+}
+
+/* Read one pending event. Returns 1 read, 0 nothing, -errno (or -EPIPE on end of file). */
+static int drain_fd(int fd)
+{
+    uint64_t v;
+    ssize_t n = read(fd, &v, sizeof(v));
+    if (n > 0)
+        return 1;
+    if (n == 0)
+        return -EPIPE;
+    return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
+}
+
+/* ---- guest memory ---------------------------------------------------------------------------------------- */
+
+static const struct svq_region *region_of(const svq_t *s, uint64_t gpa)
+{
+    for (uint32_t i = 0; i < s->nregions; i++) {
+        const struct svq_region *r = &s->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size)
+            return r;
+    }
+    return NULL;
+}
+
+/* Local pointer to [gpa, gpa+len) when it lies inside one region (the core reads and writes through it). */
+static uint8_t *gpa_local(const svq_t *s, uint64_t gpa, uint64_t len)
+{
+    const struct svq_region *r = region_of(s, gpa);
+    if (!r || len > r->size - (gpa - r->gpa))
+        return NULL;
+    return (uint8_t *)(uintptr_t)(r->local + (gpa - r->gpa));
+}
+
+/*
+ * IOVA of [gpa, gpa+len). The device only needs the range contiguous in IOVA, so a buffer may run across
+ * regions that are adjacent in both GPA and IOVA; anything else is outside guest memory.
+ */
+static bool gpa_iova(const svq_t *s, uint64_t gpa, uint64_t len, uint64_t *iova)
+{
+    const struct svq_region *r = region_of(s, gpa);
+    if (!r)
+        return false;
+    *iova = r->iova + (gpa - r->gpa);
+    uint64_t room = r->size - (gpa - r->gpa);
+    for (uint32_t hops = 0; len > room; hops++) {
+        uint64_t end_gpa = r->gpa + r->size, end_iova = r->iova + r->size;
+        const struct svq_region *n = region_of(s, end_gpa);
+        if (!n || hops >= s->nregions || n->gpa != end_gpa || n->iova != end_iova)
+            return false;
+        len -= room;
+        r = n;
+        room = r->size;
+    }
+    return true;
+}
+
+/* ---- dirty log ------------------------------------------------------------------------------------------- */
+
+static bool logging(const struct vq *q) { return (q->g.flags & SVQ_F_LOG) != 0; }
+
+static int log_range(svq_t *s, struct vq *q, uint64_t gpa, uint64_t len)
+{
+    if (!len)
+        return 0;
+    if (!s->log)
+        return vq_fail(s, q, "dirty logging is on but no log is set");
+    if (gpa > UINT64_MAX - (len - 1))
+        return vq_fail(s, q, "dirty range 0x%llx+0x%llx wraps", (unsigned long long)gpa, (unsigned long long)len);
+    uint64_t first = gpa >> LOG_PAGE_SHIFT, last = (gpa + len - 1) >> LOG_PAGE_SHIFT;
+    if ((last >> 3) >= s->log_size)
+        return vq_fail(s, q, "dirty log of %llu bytes too small for gpa 0x%llx", (unsigned long long)s->log_size,
+                       (unsigned long long)(gpa + len - 1));
+    uint64_t newly = 0;
+    for (uint64_t p = first; p <= last;) {
+        uint64_t byte = p >> 3;
+        unsigned lo = (unsigned)(p & 7), hi = (last >> 3) == byte ? (unsigned)(last & 7) : 7u;
+        uint8_t mask = (uint8_t)(((2u << hi) - 1u) & ~((1u << lo) - 1u));
+        uint8_t old = __atomic_fetch_or(&s->log[byte], mask, __ATOMIC_RELAXED);
+        newly += (uint64_t)__builtin_popcount((unsigned)(mask & (uint8_t)~old));
+        p = (byte + 1) << 3;
+    }
+    stat_add(&q->st.dirty_pages, newly);
+    return 0;
+}
+
+/* Log the writable buffers of a guest indirect table the device wrote through, up to *left bytes. */
+static int log_indirect(svq_t *s, struct vq *q, const struct sdesc *e, uint64_t *left)
+{
+    const uint8_t *tab = gpa_local(s, e->gpa, e->len);
+    uint32_t n = e->len / DESC_SIZE;
+    if (!tab)
+        return vq_fail(s, q, "indirect table 0x%llx left guest memory while in flight", (unsigned long long)e->gpa);
+    for (uint32_t i = 0, hops = 0; *left;) {
+        struct vdesc d;
+        if (++hops > n)
+            return vq_fail(s, q, "indirect table 0x%llx changed into a loop while in flight", (unsigned long long)e->gpa);
+        memcpy(&d, tab + (size_t)i * DESC_SIZE, sizeof(d));
+        if (d.flags & DESC_F_WRITE) {
+            uint64_t w = d.len < *left ? d.len : *left;
+            if (log_range(s, q, d.addr, w))
+                return -EIO;
+            *left -= w;
+        }
+        if (!(d.flags & DESC_F_NEXT))
+            break;
+        i = d.next;
+        if (i >= n)
+            return vq_fail(s, q, "indirect table 0x%llx changed while in flight", (unsigned long long)e->gpa);
+    }
+    return 0;
+}
+
+/* Log what the device may have written into a chain: writable buffers in order, up to len bytes. */
+static int log_chain(svq_t *s, struct vq *q, uint32_t head, uint64_t len)
+{
+    struct sring *r = &q->sh;
+    uint32_t id = head;
+    for (uint32_t k = 0; k < r->hd[head].ndesc && len; k++, id = r->next[id]) {
+        const struct sdesc *e = &r->sd[id];
+        if (e->flags & DESC_F_INDIRECT) {
+            if (log_indirect(s, q, e, &len))
+                return -EIO;
+        } else if (e->flags & DESC_F_WRITE) {
+            uint64_t w = e->len < len ? e->len : len;
+            if (log_range(s, q, e->gpa, w))
+                return -EIO;
+            len -= w;
+        }
+    }
+    return 0;
+}
+
+/* ---- guest -> shadow ------------------------------------------------------------------------------------- */
+
+struct chain {
+    uint32_t first, ndesc;
+    uint64_t wlen;
+    uint32_t pend_id; /* last emitted descriptor: written once its successor is known */
+    struct vdesc pend;
+};
+
+static void sh_free_chain(struct sring *r, uint32_t head, uint32_t n)
+{
+    uint32_t id = head;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t nxt = r->next[id];
+        r->next[id] = r->free_head;
+        r->free_head = id;
+        r->nfree++;
+        id = nxt;
+    }
+}
+
+/* Append one shadow descriptor. Returns 0, or 1 when the shadow ring has no free descriptor right now. */
+static int emit(struct sring *r, struct chain *c, uint64_t gpa, uint32_t len, uint16_t flags, uint64_t iova)
+{
+    if (!r->nfree)
+        return 1;
+    uint32_t id = r->free_head;
+    r->free_head = r->next[id];
+    r->nfree--;
+    r->sd[id] = (struct sdesc){.gpa = gpa, .len = len, .flags = flags};
+    if (c->pend_id == NO_DESC) {
+        c->first = id;
+    } else {
+        c->pend.flags |= DESC_F_NEXT;
+        c->pend.next = (uint16_t)id;
+        r->next[c->pend_id] = id;
+        memcpy(r->desc + (size_t)c->pend_id * DESC_SIZE, &c->pend, sizeof(c->pend));
+    }
+    c->pend_id = id;
+    c->pend = (struct vdesc){.addr = iova, .len = len, .flags = flags, .next = 0};
+    c->ndesc++;
+    return 0;
+}
+
+/* Check one guest buffer and, with emit_it, append it. Returns 0, 1 (no room) or -EIO. */
+static int add_buf(svq_t *s, struct vq *q, struct chain *c, const struct vdesc *d, bool emit_it)
+{
+    uint64_t iova;
+    if (d->addr > UINT64_MAX - d->len)
+        return vq_fail(s, q, "buffer 0x%llx+%u wraps around", (unsigned long long)d->addr, d->len);
+    if (!gpa_iova(s, d->addr, d->len ? d->len : 1, &iova))
+        return vq_fail(s, q, "buffer 0x%llx+%u is outside guest memory", (unsigned long long)d->addr, d->len);
+    uint16_t w = d->flags & DESC_F_WRITE;
+    if (w)
+        c->wlen += d->len;
+    if (!emit_it)
+        return 0;
+    if (c->ndesc >= q->sh.num)
+        return vq_fail(s, q, "chain needs more than the %u descriptors of the shadow ring", q->sh.num);
+    return emit(&q->sh, c, d->addr, d->len, w, iova);
+}
+
+static int add_indirect(svq_t *s, struct vq *q, struct chain *c, const struct vdesc *d)
+{
+    if (!(q->g.flags & SVQ_F_INDIRECT))
+        return vq_fail(s, q, "indirect descriptor but INDIRECT_DESC was not negotiated");
+    if (d->flags & DESC_F_NEXT)
+        return vq_fail(s, q, "descriptor has both INDIRECT and NEXT");
+    if (!d->len || d->len % DESC_SIZE)
+        return vq_fail(s, q, "indirect table length %u is not a non-zero multiple of 16", d->len);
+    uint32_t n = d->len / DESC_SIZE;
+    if (n > SVQ_MAX_RING)
+        return vq_fail(s, q, "indirect table of %u entries is longer than %u", n, SVQ_MAX_RING);
+    const uint8_t *tab = gpa_local(s, d->addr, d->len);
+    if (!tab)
+        return vq_fail(s, q, "indirect table 0x%llx+%u is outside guest memory", (unsigned long long)d->addr, d->len);
+    /* Passing the table needs its GPAs to be valid IOVAs and the descriptor to start the shadow chain. */
+    bool pass = (q->sh.flags & SVQ_DEV_INDIRECT) && s->identity && c->ndesc == 0;
+    for (uint32_t i = 0, hops = 0;;) {
+        struct vdesc e;
+        if (++hops > n)
+            return vq_fail(s, q, "indirect table 0x%llx loops", (unsigned long long)d->addr);
+        memcpy(&e, tab + (size_t)i * DESC_SIZE, sizeof(e));
+        if (e.flags & DESC_F_INDIRECT)
+            return vq_fail(s, q, "indirect descriptor inside an indirect table");
+        int rc = add_buf(s, q, c, &e, !pass);
+        if (rc)
+            return rc;
+        if (!(e.flags & DESC_F_NEXT))
+            break;
+        i = e.next;
+        if (i >= n)
+            return vq_fail(s, q, "indirect next %u beyond a table of %u entries", i, n);
+    }
+    if (!pass)
+        return 0;
+    uint64_t iova;
+    if (!gpa_iova(s, d->addr, d->len, &iova))
+        return vq_fail(s, q, "indirect table 0x%llx has no IOVA", (unsigned long long)d->addr);
+    return emit(&q->sh, c, d->addr, d->len, DESC_F_INDIRECT, iova);
+}
+
+/* Forward the guest chain at `head`. Returns 0 (shadow head in *out), 1 (no room yet) or -EIO (vq broken). */
+static int forward_chain(svq_t *s, struct vq *q, uint32_t head, uint32_t *out)
+{
+    struct gring *g = &q->g;
+    struct chain c = {.first = NO_DESC, .pend_id = NO_DESC};
+    int rc = 0;
+    if (head >= g->num) {
+        rc = vq_fail(s, q, "avail ring head %u is not below ring size %u", head, g->num);
+        goto undo;
+    }
+    for (uint32_t idx = head, hops = 0;;) {
+        struct vdesc d;
+        if (++hops > g->num) {
+            rc = vq_fail(s, q, "chain from head %u loops or is longer than ring size %u", head, g->num);
+            goto undo;
+        }
+        memcpy(&d, g->desc + (size_t)idx * DESC_SIZE, sizeof(d));
+        rc = (d.flags & DESC_F_INDIRECT) ? add_indirect(s, q, &c, &d) : add_buf(s, q, &c, &d, true);
+        if (rc)
+            goto undo;
+        if (!(d.flags & DESC_F_NEXT))
+            break;
+        idx = d.next;
+        if (idx >= g->num) {
+            rc = vq_fail(s, q, "descriptor next %u is not below ring size %u", idx, g->num);
+            goto undo;
+        }
+    }
+    if (c.pend_id == NO_DESC) {
+        rc = vq_fail(s, q, "empty chain at head %u", head);
+        goto undo;
+    }
+    memcpy(q->sh.desc + (size_t)c.pend_id * DESC_SIZE, &c.pend, sizeof(c.pend));
+    q->sh.hd[c.first] = (struct shead){.wlen = c.wlen, .ndesc = c.ndesc, .guest_head = (uint16_t)head, .in_use = true};
+    *out = c.first;
+    return 0;
+undo:
+    if (c.ndesc)
+        sh_free_chain(&q->sh, c.first, c.ndesc);
+    return rc;
+}
+
+static int kick_device(svq_t *s, struct vq *q, uint16_t old_avail)
+{
+    struct sring *r = &q->sh;
+    full_fence();
+    bool need = (r->flags & SVQ_DEV_EVENT_IDX)
+                    ? need_event(ld16(r->used + 4 + 8 * (size_t)r->num), r->avail_idx, old_avail)
+                    : !(ld16(r->used) & USED_F_NO_NOTIFY);
+    if (!need)
+        return 0;
+    int rc = notify_fd(r->kick_fd, r->kick_is_efd);
+    if (rc < 0)
+        return vq_fail(s, q, "device kick fd: %s", strerror(-rc));
+    stat_add(&q->st.dev_kicks, (uint64_t)rc);
+    return 0;
+}
+
+/* Write avail_event (guest EVENT_IDX) so the guest kicks once it publishes past what was consumed. */
+static int set_avail_event(svq_t *s, struct vq *q)
+{
+    struct gring *g = &q->g;
+    uint8_t *p = g->used + 4 + 8 * (size_t)g->num;
+    if (ld16(p) == g->last_avail)
+        return 0;
+    st16(p, g->last_avail);
+    if (logging(q))
+        return log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)g->num, 2);
+    return 0;
+}
+
+static uint32_t process_avail(svq_t *s, struct vq *q)
+{
+    struct gring *g = &q->g;
+    struct sring *r = &q->sh;
+    uint16_t old_avail = r->avail_idx;
+    uint32_t moved = 0, budget = g->num;
+    bool stalled = false;
+    while (!stalled) {
+        uint16_t avail_idx = ld16_acq(g->avail + 2);
+        uint16_t n = (uint16_t)(avail_idx - g->last_avail);
+        if (n > g->num) {
+            vq_fail(s, q, "guest avail idx %u is %u entries ahead of %u (ring size %u)", avail_idx, n,
+                    g->last_avail, g->num);
+            return moved;
+        }
+        if (!n) {
+            if (!(g->flags & SVQ_F_EVENT_IDX))
+                break;
+            if (set_avail_event(s, q))
+                return moved;
+            full_fence();
+            if (ld16_acq(g->avail + 2) == g->last_avail)
+                break;
+            continue;
+        }
+        for (; n; n--) {
+            if (!budget) {
+                stalled = true; /* more work: the caller comes back without sleeping */
+                break;
+            }
+            uint32_t head = ld16(g->avail + 4 + 2 * (size_t)(g->last_avail & (g->num - 1)));
+            uint32_t sh_head = 0;
+            int rc = forward_chain(s, q, head, &sh_head);
+            if (rc < 0)
+                return moved;
+            if (rc > 0) {
+                stalled = true; /* the device's used entries will free descriptors and wake us */
+                break;
+            }
+            st16(r->avail + 4 + 2 * (size_t)(r->avail_idx & (r->num - 1)), (uint16_t)sh_head);
+            r->hd[sh_head].avail_pos = r->avail_idx;
+            r->avail_idx++;
+            r->inflight++;
+            g->last_avail++;
+            budget--;
+            moved++;
+        }
+    }
+    if (stalled && (g->flags & SVQ_F_EVENT_IDX) && set_avail_event(s, q))
+        return moved;
+    if (moved) {
+        st16_rel(r->avail + 2, r->avail_idx);
+        kick_device(s, q, old_avail);
+    }
+    return moved;
+}
+
+/* ---- shadow -> guest ------------------------------------------------------------------------------------- */
+
+static int call_guest(svq_t *s, struct vq *q, uint16_t old_used)
+{
+    struct gring *g = &q->g;
+    full_fence();
+    bool need = (g->flags & SVQ_F_EVENT_IDX) ? need_event(ld16(g->avail + 4 + 2 * (size_t)g->num), g->used_idx, old_used)
+                                             : !(ld16(g->avail) & AVAIL_F_NO_INTERRUPT);
+    if (!need)
+        return 0;
+    int rc = notify_fd(g->call_fd, g->call_is_efd);
+    if (rc < 0)
+        return vq_fail(s, q, "guest call fd: %s", strerror(-rc));
+    stat_add(&q->st.guest_calls, (uint64_t)rc);
+    return 0;
+}
+
+/* Write one guest used entry (and its log bits). The slot index is masked, so it is always inside the ring. */
+static int put_used(svq_t *s, struct vq *q, uint32_t sh_head, uint32_t len)
+{
+    struct gring *g = &q->g;
+    struct sring *r = &q->sh;
+    uint32_t slot = g->used_idx & (g->num - 1);
+    struct used_elem e = {.id = r->hd[sh_head].guest_head, .len = len};
+    if (logging(q) && log_chain(s, q, sh_head, len))
+        return -EIO;
+    memcpy(g->used + 4 + 8 * (size_t)slot, &e, sizeof(e));
+    if (logging(q) && log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)slot, sizeof(e)))
+        return -EIO;
+    sh_free_chain(r, sh_head, r->hd[sh_head].ndesc);
+    r->hd[sh_head].in_use = false;
+    r->inflight--;
+    g->used_idx++;
+    return 0;
+}
+
+/* Publish the guest used index: log bits first, then a release store, then the guest call decision. */
+static int publish_used(svq_t *s, struct vq *q, uint16_t old_used)
+{
+    struct gring *g = &q->g;
+    if (g->used_idx == old_used)
+        return 0;
+    if (logging(q) && log_range(s, q, g->log_used_gpa + 2, 2))
+        return -EIO;
+    st16_rel(g->used + 2, g->used_idx);
+    return call_guest(s, q, old_used);
+}
+
+static uint32_t process_used(svq_t *s, struct vq *q)
+{
+    struct gring *g = &q->g;
+    struct sring *r = &q->sh;
+    uint16_t old_used = g->used_idx;
+    uint32_t moved = 0;
+    uint64_t bytes = 0;
+    for (;;) {
+        uint16_t used_idx = ld16_acq(r->used + 2);
+        uint16_t n = (uint16_t)(used_idx - r->last_used);
+        if (!n) {
+            if (!(r->flags & SVQ_DEV_EVENT_IDX))
+                break;
+            /* used_event: ask the device to call as soon as the next entry lands, then re-check. */
+            st16(r->avail + 4 + 2 * (size_t)r->num, r->last_used);
+            full_fence();
+            if (ld16_acq(r->used + 2) == r->last_used)
+                break;
+            continue;
+        }
+        if (n > r->inflight) {
+            vq_fail(s, q, "device used idx %u is %u ahead of %u with %u chains in flight", used_idx, n, r->last_used,
+                    r->inflight);
+            return moved;
+        }
+        for (; n; n--) {
+            struct used_elem e;
+            memcpy(&e, r->used + 4 + 8 * (size_t)(r->last_used & (r->num - 1)), sizeof(e));
+            if (e.id >= r->num || !r->hd[e.id].in_use) {
+                vq_fail(s, q, "device used id %u is not a chain in flight", e.id);
+                return moved;
+            }
+            if (e.len > r->hd[e.id].wlen) {
+                e.len = (uint32_t)r->hd[e.id].wlen; /* never let the guest believe more than its buffers hold */
+                stat_add(&q->st.clamped, 1);
+            }
+            if (put_used(s, q, e.id, e.len))
+                return moved;
+            r->last_used++;
+            bytes += e.len;
+            moved++;
+        }
+    }
+    if (moved && !publish_used(s, q, old_used)) {
+        stat_add(&q->st.packets, moved);
+        stat_add(&q->st.bytes, bytes);
+    }
+    return moved;
+}
+
+static bool vq_active(const struct vq *q) { return q->has_guest && q->has_shadow && !is_broken(q); }
+
+static uint32_t process_all(svq_t *s)
+{
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < s->nvqs; i++) {
+        struct vq *q = &s->vqs[i];
+        if (!vq_active(q))
+            continue;
+        uint32_t moved = process_used(s, q);
+        if (!is_broken(q))
+            moved += process_avail(s, q);
+        if (moved)
+            stat_add(&q->st.batches, 1);
+        total += moved;
+    }
+    return total;
+}
+
+/* ---- the thread ------------------------------------------------------------------------------------------ */
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void handle_event(svq_t *s, const struct epoll_event *ev)
+{
+    uint64_t vqi = ev->data.u64 >> 1;
+    bool is_call = ev->data.u64 & 1;
+    if (vqi >= s->nvqs)
+        return;
+    struct vq *q = &s->vqs[vqi];
+    int fd = is_call ? q->sh.call_fd : q->g.kick_fd;
+    int rc = (ev->events & EPOLLIN) ? drain_fd(fd) : -EPIPE;
+    if (rc > 0) {
+        stat_add(is_call ? &q->st.dev_calls : &q->st.guest_kicks, 1);
+        return;
+    }
+    if (rc == 0)
+        return;
+    /* A hung-up or failing fd stays ready forever: stop watching it so the thread cannot spin. */
+    epoll_ctl(s->epfd, EPOLL_CTL_DEL, fd, NULL);
+    vq_fail(s, q, "%s fd: %s", is_call ? "device call" : "guest kick", rc == -EPIPE ? "hung up" : strerror(-rc));
+}
+
+static void *svq_thread(void *arg)
+{
+    svq_t *s = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals belong to the Python main thread; EPIPE comes back as errno */
+    struct epoll_event evs[32];
+    int timeout = 0; /* first round: pick up whatever was pending before start */
+    uint64_t busy_until = 0;
+    for (;;) {
+        int n = epoll_wait(s->epfd, evs, 32, timeout);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            for (uint32_t i = 0; i < s->nvqs; i++)
+                if (vq_active(&s->vqs[i]))
+                    vq_fail(s, &s->vqs[i], "epoll_wait: %s", strerror(errno));
+            return NULL;
+        }
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.u64 == CTL_TOKEN)
+                return NULL;
+            handle_event(s, &evs[i]);
+        }
+        uint32_t moved = process_all(s);
+        uint64_t now = s->busy_poll_us ? now_us() : 0;
+        if (moved && s->busy_poll_us)
+            busy_until = now + s->busy_poll_us;
+        timeout = (moved || now < busy_until) ? 0 : -1;
+    }
+}
+
+static int watch(svq_t *s, struct vq *q, int fd, uint64_t token, const char *what)
+{
+    if (fd < 0)
+        return 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = token};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) == 0 || errno == EEXIST)
+        return 0; /* a shared fd is watched once; every wake-up processes every vq anyway */
+    return vq_fail(s, q, "%s fd cannot be polled: %s", what, strerror(errno));
+}
+
+static int thread_start(svq_t *s)
+{
+    if (s->running)
+        return 0;
+    s->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (s->epfd < 0)
+        return -errno;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = CTL_TOKEN};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->ctl_efd, &ev) < 0) {
+        int e = errno;
+        close_fd(&s->epfd);
+        return -e;
+    }
+    for (uint32_t i = 0; i < s->nvqs; i++) {
+        struct vq *q = &s->vqs[i];
+        if (!vq_active(q))
+            continue;
+        if (!watch(s, q, q->g.kick_fd, (uint64_t)i << 1, "guest kick"))
+            watch(s, q, q->sh.call_fd, ((uint64_t)i << 1) | 1, "device call");
+    }
+    int rc = pthread_create(&s->thread, NULL, svq_thread, s);
+    if (rc) {
+        close_fd(&s->epfd);
+        return -rc;
+    }
+    s->running = true;
+    return 0;
+}
+
+static void thread_stop(svq_t *s)
+{
+    if (!s->running)
+        return;
+    signal_fd(s->ctl_efd);
+    pthread_join(s->thread, NULL);
+    uint64_t v;
+    while (read(s->ctl_efd, &v, sizeof(v)) > 0) {
+    }
+    close_fd(&s->epfd);
+    s->running = false;
+}
+
+/* ---- API ------------------------------------------------------------------------------------------------- */
+
+int svq_abi_version(void) { return SVQ_ABI_VERSION; }
+
+svq_t *svq_new(uint32_t nvqs, int error_efd)
+{
+    if (!nvqs || nvqs > SVQ_MAX_VQS) {
+        errno = EINVAL;
+        return NULL;
+    }
+    svq_t *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->nvqs = nvqs;
+    s->error_efd = s->ctl_efd = s->epfd = -1;
+    s->vqs = calloc(nvqs, sizeof(*s->vqs));
+    int e = ENOMEM;
+    if (!s->vqs)
+        goto fail;
+    for (uint32_t i = 0; i < nvqs; i++) {
+        struct vq *q = &s->vqs[i];
+        q->g.kick_fd = q->g.call_fd = q->sh.kick_fd = q->sh.call_fd = -1;
+    }
+    if ((e = -dup_fd(error_efd, &s->error_efd)))
+        goto fail;
+    s->ctl_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->ctl_efd < 0) {
+        e = errno;
+        goto fail;
+    }
+    if ((e = pthread_mutex_init(&s->lock, NULL)))
+        goto fail;
+    return s;
+fail:
+    close_fd(&s->ctl_efd);
+    close_fd(&s->error_efd);
+    free(s->vqs);
+    free(s);
+    errno = e;
+    return NULL;
+}
+
+static void detach_guest(struct vq *q)
+{
+    close_fd(&q->g.kick_fd);
+    close_fd(&q->g.call_fd);
+    q->has_guest = false;
+}
+
+static void detach_shadow(struct vq *q)
+{
+    struct sring *r = &q->sh;
+    close_fd(&r->kick_fd);
+    close_fd(&r->call_fd);
+    free(r->next);
+    free(r->sd);
+    free(r->hd);
+    r->next = NULL;
+    r->sd = NULL;
+    r->hd = NULL;
+    r->inflight = 0;
+    q->has_shadow = false;
+}
+
+void svq_free(svq_t *s)
+{
+    if (!s)
+        return;
+    thread_stop(s);
+    for (uint32_t i = 0; i < s->nvqs; i++) {
+        detach_guest(&s->vqs[i]);
+        detach_shadow(&s->vqs[i]);
+    }
+    close_fd(&s->ctl_efd);
+    close_fd(&s->error_efd);
+    pthread_mutex_destroy(&s->lock);
+    free(s->regions);
+    free(s->vqs);
+    free(s);
+}
+
+/* Configuration runs with the thread paused: it then owns every vq exclusively. */
+static bool pause_thread(svq_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    bool was = s->running;
+    thread_stop(s);
+    return was;
+}
+
+static int resume_thread(svq_t *s, bool was, int rc)
+{
+    if (was) {
+        int rc2 = thread_start(s);
+        if (!rc)
+            rc = rc2;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
+static struct vq *vq_of(svq_t *s, uint32_t vq) { return (s && vq < s->nvqs) ? &s->vqs[vq] : NULL; }
+
+/* Resolve the guest ring parts through the current region table; checks every part lies inside one region. */
+static int resolve_guest(const svq_t *s, struct gring *g)
+{
+    uint8_t *desc = gpa_local(s, g->desc_gpa, (uint64_t)DESC_SIZE * g->num);
+    uint8_t *avail = gpa_local(s, g->avail_gpa, 6 + 2 * (uint64_t)g->num);
+    uint8_t *used = gpa_local(s, g->used_gpa, 6 + 8 * (uint64_t)g->num);
+    if (!desc || !avail || !used)
+        return -EFAULT;
+    if (((uintptr_t)desc & 15) || ((uintptr_t)avail & 1) || ((uintptr_t)used & 3))
+        return -EINVAL;
+    g->desc = desc;
+    g->avail = avail;
+    g->used = used;
+    return 0;
+}
+
+int svq_set_regions(svq_t *s, const struct svq_region *r, uint32_t n)
+{
+    if (!s || n > SVQ_MAX_REGIONS || (n && !r))
+        return -EINVAL;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!r[i].size || !r[i].local || r[i].gpa > UINT64_MAX - r[i].size ||
+            r[i].local > UINTPTR_MAX - r[i].size || r[i].iova > UINT64_MAX - r[i].size)
+            return -EINVAL;
+        for (uint32_t j = 0; j < i; j++)
+            if (r[i].gpa < r[j].gpa + r[j].size && r[j].gpa < r[i].gpa + r[i].size)
+                return -EINVAL;
+    }
+    struct svq_region *copy = NULL;
+    if (n) {
+        copy = malloc(sizeof(*copy) * n);
+        if (!copy)
+            return -ENOMEM;
+        memcpy(copy, r, sizeof(*copy) * n);
+    }
+    bool was = pause_thread(s);
+    free(s->regions);
+    s->regions = copy;
+    s->nregions = n;
+    s->identity = true;
+    for (uint32_t i = 0; i < n; i++)
+        s->identity = s->identity && copy[i].iova == copy[i].gpa;
+    /* Ring pointers from the old table may point at unmapped memory now: re-resolve every attached ring. */
+    for (uint32_t i = 0; i < s->nvqs; i++) {
+        struct vq *q = &s->vqs[i];
+        if (q->has_guest && resolve_guest(s, &q->g))
+            vq_fail(s, q, "guest ring is no longer inside guest memory after a region change");
+    }
+    return resume_thread(s, was, 0);
+}
+
+int svq_attach_guest(svq_t *s, uint32_t vq, uint32_t num, uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa,
+                     uint16_t last_avail, int kick_fd, int call_fd, uint32_t flags, uint64_t log_used_gpa)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !is_pow2(num) || num > SVQ_MAX_RING || (flags & ~(uint32_t)GUEST_FLAGS))
+        return -EINVAL;
+    if ((flags & SVQ_F_LOG) && log_used_gpa > UINT64_MAX - (6 + 8 * (uint64_t)num))
+        return -EINVAL;
+    struct gring g = {.num = num, .desc_gpa = desc_gpa, .avail_gpa = avail_gpa, .used_gpa = used_gpa,
+                      .log_used_gpa = log_used_gpa, .last_avail = last_avail, .kick_fd = -1, .call_fd = -1,
+                      .flags = flags};
+    bool was = pause_thread(s);
+    int rc = 0;
+    if (is_broken(q) || (q->has_shadow && q->sh.inflight)) {
+        rc = is_broken(q) ? -EIO : -EBUSY;
+        goto out;
+    }
+    if ((desc_gpa & 15) || (avail_gpa & 1) || (used_gpa & 3)) {
+        snprintf(q->reason, sizeof(q->reason), "guest ring parts are misaligned");
+        rc = -EINVAL;
+        goto out;
+    }
+    if ((rc = resolve_guest(s, &g))) {
+        snprintf(q->reason, sizeof(q->reason), "guest ring (desc 0x%llx avail 0x%llx used 0x%llx, %u entries) is "
+                 "not inside guest memory", (unsigned long long)desc_gpa, (unsigned long long)avail_gpa,
+                 (unsigned long long)used_gpa, num);
+        goto out;
+    }
+    g.used_idx = ld16_acq(g.used + 2);
+    if ((uint16_t)(last_avail - g.used_idx) > num) {
+        snprintf(q->reason, sizeof(q->reason), "guest used idx %u is more than %u behind last_avail %u", g.used_idx,
+                 num, last_avail);
+        rc = -ERANGE;
+        goto out;
+    }
+    if ((rc = dup_fd(kick_fd, &g.kick_fd)) || (rc = dup_fd(call_fd, &g.call_fd))) {
+        close_fd(&g.kick_fd);
+        goto out;
+    }
+    g.call_is_efd = g.call_fd >= 0 && fd_is_eventfd(g.call_fd);
+    detach_guest(q);
+    q->g = g;
+    q->has_guest = true;
+    q->reason[0] = '\0';
+out:
+    return resume_thread(s, was, rc);
+}
+
+int svq_attach_shadow(svq_t *s, uint32_t vq, uint32_t num, void *desc, void *avail, void *used, uint16_t base,
+                      int dev_kick_fd, int dev_call_fd, uint32_t dev_flags)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !is_pow2(num) || num > SVQ_MAX_RING || (dev_flags & ~(uint32_t)DEV_FLAGS) || !desc || !avail ||
+        !used || ((uintptr_t)desc & 15) || ((uintptr_t)avail & 1) || ((uintptr_t)used & 3))
+        return -EINVAL;
+    struct sring r = {.num = num, .desc = desc, .avail = avail, .used = used, .avail_idx = base, .last_used = base,
+                      .kick_fd = -1, .call_fd = -1, .flags = dev_flags, .nfree = num};
+    r.next = calloc(num, sizeof(*r.next));
+    r.sd = calloc(num, sizeof(*r.sd));
+    r.hd = calloc(num, sizeof(*r.hd));
+    int rc = (!r.next || !r.sd || !r.hd) ? -ENOMEM : 0;
+    if (!rc && !(rc = dup_fd(dev_kick_fd, &r.kick_fd)))
+        rc = dup_fd(dev_call_fd, &r.call_fd);
+    if (rc) {
+        close_fd(&r.kick_fd);
+        free(r.next);
+        free(r.sd);
+        free(r.hd);
+        return rc;
+    }
+    r.kick_is_efd = r.kick_fd >= 0 && fd_is_eventfd(r.kick_fd);
+    for (uint32_t i = 0; i < num; i++)
+        r.next[i] = i + 1;
+    bool was = pause_thread(s);
+    if (is_broken(q) || (q->has_shadow && q->sh.inflight)) {
+        rc = is_broken(q) ? -EIO : -EBUSY;
+        close_fd(&r.kick_fd);
+        close_fd(&r.call_fd);
+        free(r.next);
+        free(r.sd);
+        free(r.hd);
+        return resume_thread(s, was, rc);
+    }
+    /* The device is not running on this ring yet: start it from a clean, known state at `base`. */
+    memset(desc, 0, (size_t)DESC_SIZE * num);
+    memset(avail, 0, 6 + 2 * (size_t)num);
+    memset(used, 0, 6 + 8 * (size_t)num);
+    st16(r.avail + 2, base);
+    st16(r.used + 2, base);
+    detach_shadow(q);
+    q->sh = r;
+    q->has_shadow = true;
+    return resume_thread(s, was, 0);
+}
+
+int svq_detach(svq_t *s, uint32_t vq)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q)
+        return -EINVAL;
+    bool was = pause_thread(s);
+    detach_guest(q);
+    detach_shadow(q);
+    __atomic_store_n(&q->broken, 0, __ATOMIC_RELEASE);
+    q->reason[0] = '\0';
+    return resume_thread(s, was, 0);
+}
+
+int svq_start(svq_t *s)
+{
+    if (!s)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    int rc = thread_start(s);
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
+int svq_stop(svq_t *s)
+{
+    if (!s)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    thread_stop(s);
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int svq_running(svq_t *s)
+{
+    if (!s)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    int r = s->running;
+    pthread_mutex_unlock(&s->lock);
+    return r;
+}
+
+int svq_set_busy_poll(svq_t *s, uint32_t usec)
+{
+    if (!s || usec > 1000000)
+        return -EINVAL;
+    bool was = pause_thread(s);
+    s->busy_poll_us = usec;
+    return resume_thread(s, was, 0);
+}
+
+/* Calls made from the caller's thread may write to a pipe: keep SIGPIPE from reaching the process. */
+static void block_sigpipe(sigset_t *old)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &set, old);
+}
+
+int svq_poll(svq_t *s)
+{
+    if (!s)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    if (s->running) {
+        pthread_mutex_unlock(&s->lock);
+        return -EBUSY;
+    }
+    sigset_t old;
+    block_sigpipe(&old);
+    uint32_t moved = process_all(s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_mutex_unlock(&s->lock);
+    return moved > INT32_MAX ? INT32_MAX : (int)moved;
+}
+
+int svq_set_log(svq_t *s, void *log_base, uint64_t log_size)
+{
+    if (!s || (log_base && !log_size) || (!log_base && log_size))
+        return -EINVAL;
+    bool was = pause_thread(s);
+    s->log = log_base;
+    s->log_size = log_size;
+    return resume_thread(s, was, 0);
+}
+
+int svq_set_vq_log(svq_t *s, uint32_t vq, int on, uint64_t log_used_gpa)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q)
+        return -EINVAL;
+    bool was = pause_thread(s);
+    int rc = 0;
+    if (!q->has_guest)
+        rc = -ENOTCONN;
+    else if (on && log_used_gpa > UINT64_MAX - (6 + 8 * (uint64_t)q->g.num))
+        rc = -EINVAL;
+    else if (on) {
+        q->g.flags |= SVQ_F_LOG;
+        q->g.log_used_gpa = log_used_gpa;
+    } else {
+        q->g.flags &= ~(uint32_t)SVQ_F_LOG;
+    }
+    return resume_thread(s, was, rc);
+}
+
+static int cmp_age(const void *a, const void *b)
+{
+    const uint32_t *x = a, *y = b; /* {age, head}: oldest (largest age) first */
+    return (x[0] < y[0]) - (x[0] > y[0]);
+}
+
+/*
+ * With the device suspended: complete what the device completed, complete with len 0 what it consumed but did
+ * not complete, rewind what it never consumed, and hand the vq back. Nothing is written to guest memory after.
+ */
+static int drain(svq_t *s, struct vq *q, uint16_t dev_last_avail, uint16_t *guest_base)
+{
+    struct gring *g = &q->g;
+    struct sring *r = &q->sh;
+    process_used(s, q);
+    if (is_broken(q))
+        return -EIO;
+    uint16_t unconsumed = (uint16_t)(r->avail_idx - dev_last_avail);
+    uint32_t below = 0;
+    uint32_t *done = calloc(2 * (size_t)(r->inflight + 1), sizeof(*done));
+    if (!done)
+        return -ENOMEM;
+    uint32_t ndone = 0;
+    for (uint32_t i = 0; i < r->num; i++) {
+        if (!r->hd[i].in_use)
+            continue;
+        uint16_t age = (uint16_t)(r->avail_idx - r->hd[i].avail_pos);
+        if (age <= unconsumed) {
+            below++;
+        } else {
+            done[2 * ndone] = age;
+            done[2 * ndone + 1] = i;
+            ndone++;
+        }
+    }
+    if (below != unconsumed) {
+        snprintf(q->reason, sizeof(q->reason), "device last_avail %u does not match %u unconsumed of %u in flight",
+                 dev_last_avail, below, r->inflight);
+        free(done);
+        return -ERANGE;
+    }
+    uint16_t old_used = g->used_idx;
+    qsort(done, ndone, 2 * sizeof(*done), cmp_age);
+    int rc = 0;
+    for (uint32_t k = 0; k < ndone && !rc; k++) {
+        uint32_t head = done[2 * k + 1];
+        /* The device may have written part of an RX buffer before suspending: log all of it. */
+        if (logging(q) && log_chain(s, q, head, UINT64_MAX))
+            rc = -EIO;
+        else if (put_used(s, q, head, 0))
+            rc = -EIO;
+    }
+    free(done);
+    if (rc || publish_used(s, q, old_used))
+        return -EIO;
+    for (uint32_t i = 0; i < r->num; i++) {
+        if (r->hd[i].in_use) {
+            sh_free_chain(r, i, r->hd[i].ndesc);
+            r->hd[i].in_use = false;
+        }
+    }
+    r->inflight = 0;
+    g->last_avail = (uint16_t)(g->last_avail - unconsumed);
+    *guest_base = g->last_avail;
+    detach_guest(q);
+    detach_shadow(q);
+    return 0;
+}
+
+int svq_drain_vq(svq_t *s, uint32_t vq, uint16_t dev_last_avail, uint16_t *guest_base)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !guest_base)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    int rc;
+    if (s->running)
+        rc = -EBUSY;
+    else if (!q->has_guest || !q->has_shadow)
+        rc = -ENOTCONN;
+    else if (is_broken(q))
+        rc = -EIO;
+    else {
+        sigset_t old;
+        block_sigpipe(&old);
+        rc = drain(s, q, dev_last_avail, guest_base);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
+int svq_get_stats(svq_t *s, uint32_t vq, struct svq_stats *out)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !out)
+        return -EINVAL;
+#define LOAD(f) out->f = __atomic_load_n(&q->st.f, __ATOMIC_RELAXED)
+    LOAD(packets);
+    LOAD(bytes);
+    LOAD(guest_kicks);
+    LOAD(guest_calls);
+    LOAD(dev_kicks);
+    LOAD(dev_calls);
+    LOAD(batches);
+    LOAD(faults);
+    LOAD(dirty_pages);
+    LOAD(clamped);
+#undef LOAD
+    out->broken = is_broken(q);
+    pthread_mutex_lock(&s->lock);
+    out->attached = (uint32_t)q->has_guest | (uint32_t)q->has_shadow << 1;
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+int svq_get_vq_state(svq_t *s, uint32_t vq, struct svq_vq_state *out)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !out)
+        return -EINVAL;
+    bool was = pause_thread(s);
+    *out = (struct svq_vq_state){
+        .guest_last_avail = q->g.last_avail,
+        .guest_used = q->g.used_idx,
+        .shadow_avail = q->sh.avail_idx,
+        .shadow_used = q->sh.last_used,
+        .inflight = q->has_shadow ? q->sh.inflight : 0,
+        .attached = (uint32_t)q->has_guest | (uint32_t)q->has_shadow << 1,
+    };
+    return resume_thread(s, was, 0);
+}
+
+int svq_vq_error(svq_t *s, uint32_t vq, char *buf, size_t len)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !buf || !len)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    /* While the thread runs, the reason is stable only once the broken flag is published. */
+    if (s->running && !is_broken(q))
+        buf[0] = '\0';
+    else
+        snprintf(buf, len, "%s", q->reason);
+    pthread_mutex_unlock(&s->lock);
+    return (int)strlen(buf);
+}
