@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
@@ -22,7 +23,7 @@ from vduproxy.testing.dpdk import DPDK_RUN_DIR, TestpmdConfig, VhostVdev, Virtio
 from vduproxy.testing.initramfs import GuestImage, build_initramfs
 from vduproxy.testing.netns import close_tap, open_tap, open_tap_peer, read_frame, write_frame
 from vduproxy.testing.procs import ProcessExited
-from vduproxy.testing.qemu import GuestConfig, open_guest
+from vduproxy.testing.qemu import GuestConfig, free_tcp_port, open_guest
 
 pytestmark = pytest.mark.realclient
 
@@ -134,6 +135,41 @@ async def test_testpmd_virtio_user_exchanges_packets_with_vhost_pmd(sock_dir: Pa
     assert be_stats.rx_bytes > 0 and fe_stats.rx_bytes > 0
     assert fe.process.returncode == 0 and be.process.returncode == 0
     assert not any((DPDK_RUN_DIR / p).exists() for p in prefixes)
+
+
+async def test_qemu_guest_over_vhost_user_to_testpmd_and_migration(
+    guest_image: GuestImage, sock_dir: Path, log_dir: Path
+) -> None:
+    """The reference the vduproxy tests replace: DPDK's vhost PMD (5tswap echo) as back-end of both ends."""
+    src_sock, dst_sock = sock_dir / "src.sock", sock_dir / "dst.sock"
+    backend = TestpmdConfig(vdevs=[VhostVdev(src_sock), VhostVdev(dst_sock)], forward_mode="5tswap", auto_start=True)
+    src_cfg = GuestConfig(guest_image.kernel, guest_image.initrd, socket=src_sock, mac=GUEST_MAC, loop=True)
+    port = free_tcp_port()
+    dst_cfg = dataclasses.replace(src_cfg, socket=dst_sock, incoming=f"tcp:127.0.0.1:{port}")
+    with trio.fail_after(240):
+        async with (
+            open_testpmd(backend, name="be", log_dir=log_dir) as pmd,
+            open_guest(src_cfg, name="src", log_dir=log_dir) as src,
+        ):
+            marker = await src.wait_marker()
+            assert marker.driver == "virtio_net" and marker.carrier
+            assert marker.has_feature(VIRTIO_F_VERSION_1)
+            ping = await src.ping(5)
+            assert ping.received == ping.sent == 5
+            async with open_guest(dst_cfg, name="dst", log_dir=log_dir) as dst:
+                assert await dst.query_status() == "inmigrate"
+                info = await src.migrate(f"tcp:127.0.0.1:{port}")
+                assert info["status"] == "completed"
+                assert await src.query_status() == "postmigrate"
+                assert await dst.query_status() == "running"
+                # The guest carries on at the destination: its pings are answered, its agent replies.
+                since = dst.output.mark()
+                await dst.wait_for(r"^VDUP-TICK .*ping=ok", since=since)
+                assert (await dst.run("echo still here")).output == "still here"
+            stats = await pmd.port_stats()
+    assert stats[0].rx_packets > 0  # the source's back-end port
+    assert stats[1].rx_packets > 0  # the destination's, after the switchover
+    assert stats[1].tx_packets > 0
 
 
 def _arp_reply(src_mac: bytes, src_ip: bytes, dst_mac: bytes, dst_ip: bytes) -> bytes:

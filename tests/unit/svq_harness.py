@@ -54,7 +54,7 @@ class GuestMemory:
 
     def view(self, gpa: int, size: int) -> memoryview:
         off = gpa - self.gpa
-        assert 0 <= off and off + size <= self.size, f"{gpa:#x}+{size} outside guest memory"
+        assert off >= 0 and off + size <= self.size, f"{gpa:#x}+{size} outside guest memory"
         return self.mem[off : off + size]
 
     def write(self, gpa: int, data: bytes) -> None:
@@ -132,7 +132,7 @@ class FakeDevice:
         return (self.avail_idx() - self.last_avail) & 0xFFFF
 
     def pop(self, limit: int | None = None) -> list[Chain]:
-        out = []
+        out: list[Chain] = []
         while self.pending() and (limit is None or len(out) < limit):
             slot = self.layout.avail_off + 4 + 2 * (self.last_avail % self.num)
             out.append(self.walk(self._u16(slot)))
@@ -252,9 +252,7 @@ class Rig:
         layout_size = RingLayout.for_num(num).size
         ring_gpa = self.guest.alloc(layout_size, PAGE)
         layout = RingLayout.for_num(num, base_off=ring_gpa - self.guest.gpa)
-        driver = SplitRingDriver(
-            self.guest.mem, layout, self.guest.gpa, event_idx=bool(gflags & GuestFlags.EVENT_IDX)
-        )
+        driver = SplitRingDriver(self.guest.mem, layout, self.guest.gpa, event_idx=bool(gflags & GuestFlags.EVENT_IDX))
         driver.set_base(guest_base)
         sbase = guest_base if shadow_base is None else shadow_base
         dev = FakeDevice(

@@ -81,9 +81,7 @@ def test_rich_profile_topology(dev: SimDevice) -> None:
 
 def test_user_profile_file(tmp_path: pathlib.Path) -> None:
     p = tmp_path / "mine.toml"
-    p.write_text(
-        'features = ["VERSION_1", "ACCESS_PLATFORM", "MAC"]\nring_max = 64\nmac = "02:11:22:33:44:55"\n'
-    )
+    p.write_text('features = ["VERSION_1", "ACCESS_PLATFORM", "MAC"]\nring_max = 64\nmac = "02:11:22:33:44:55"\n')
     with SimDevice(f"sim:profile={p}") as dev:
         assert dev.get_vqs_count() == 2
         assert dev.get_vring_num_max() == 64

@@ -16,6 +16,7 @@ import itertools
 import json
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -331,12 +332,19 @@ class QemuGuest:
         return marker
 
     async def run(self, command: str, timeout: float = 60.0) -> CommandResult:
-        """Run a shell command in the guest over the serial console; output excludes console noise."""
+        """Run a shell command in the guest over the serial console; output excludes console noise.
+
+        The guest shell has helpers: `vdup_ping N [PEER]`, `vdup_send HOST PORT BYTES` (prints
+        `VDUP-MD5 <hex> bytes=N` then `VDUP-SENT rc=N`), `vdup_recv PORT` (prints `VDUP-MD5`), `vdup_stats`.
+        """
         encoded = base64.b64encode(command.encode()).decode()
         if len(encoded) > MAX_AGENT_LINE:
             raise ValueError(f"guest command too long ({len(command)} bytes; the tty line limit is 4095)")
         async with self._agent_lock:
-            await self.wait_for(r"^VDUP-READY$", timeout)
+            if self.config.incoming is None:
+                # A migration destination resumes a guest whose agent announced itself on the source's
+                # console: the caller waits for the source to be ready before migrating.
+                await self.wait_for(r"^VDUP-READY$", timeout)
             cmd_id = next(self._cmd_ids)
             since = self.process.output.mark()
             await self.process.send(f"VDUP-RUN {cmd_id} {encoded}\n")
@@ -402,6 +410,14 @@ class QemuGuest:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
         return rc
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for `-incoming tcp:`): QEMU binds it itself, so a race remains."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 @contextlib.asynccontextmanager

@@ -112,9 +112,7 @@ def mac_str(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
-def make_frame(
-    dst: bytes, size: int, *, seq: int = 0, src: bytes = HARNESS_SRC_MAC, vlan: int | None = None
-) -> bytes:
+def make_frame(dst: bytes, size: int, *, seq: int = 0, src: bytes = HARNESS_SRC_MAC, vlan: int | None = None) -> bytes:
     """An Ethernet frame of exactly `size` bytes (no FCS) with a payload that differs per `seq`, so a frame
     that comes back truncated, shifted or swapped with another one does not compare equal."""
     head = dst + src
@@ -150,6 +148,7 @@ class Arena:
     mm: mmap.mmap | None = None
     uaddr: int = 0
     used: int = 0
+    limit: int = 0  # front allocations stay below this (0: the whole arena)
     mapped: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (iova, size) IOTLB entries
 
     def open(self) -> None:
@@ -170,7 +169,7 @@ class Arena:
     def alloc(self, size: int, align: int = 64) -> int:
         """Offset of a fresh `size`-byte block."""
         off = _round_up(self.used, align)
-        if off + size > self.size:
+        if off + size > (self.limit or self.size):
             raise HarnessError(f"arena {self.name}: {size} bytes do not fit ({self.used}/{self.size} used)")
         self.used = off + size
         return off
@@ -240,9 +239,7 @@ class DeviceHarness:
         self.use_cvq = use_cvq
         self.clamp_pairs = clamp_pairs
         self.prefill_rx = prefill_rx
-        self.timeout = (
-            timeout if timeout is not None else float(os.environ.get("VDUPROXY_TEST_TIMEOUT", "10"))
-        )
+        self.timeout = timeout if timeout is not None else float(os.environ.get("VDUPROXY_TEST_TIMEOUT", "10"))
         self.log = log.bind(device=device.name)
 
         self.offered = 0
@@ -271,9 +268,7 @@ class DeviceHarness:
     def __enter__(self) -> DeviceHarness:
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def start(self) -> DeviceHarness:
@@ -301,9 +296,7 @@ class DeviceHarness:
         self.backend_offered = self.device.get_backend_features()
         self.backend_features = self.backend_offered & self.backend_wanted
         self.device.set_backend_features(self.backend_features)
-        self.log.debug(
-            "backend_features", offered=hex(self.backend_offered), acked=hex(self.backend_features)
-        )
+        self.log.debug("backend_features", offered=hex(self.backend_offered), acked=hex(self.backend_features))
         return self.backend_features
 
     def negotiate(self) -> int:
@@ -320,9 +313,7 @@ class DeviceHarness:
         dev.set_status(Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK)
         if not dev.get_status() & Status.FEATURES_OK:
             raise HarnessError(f"device refused features {describe_features(self.features)}")
-        self.log.debug(
-            "features", offered=describe_features(self.offered), acked=describe_features(self.features)
-        )
+        self.log.debug("features", offered=describe_features(self.offered), acked=describe_features(self.features))
         return self.features
 
     def has(self, feature: int) -> bool:
@@ -374,7 +365,9 @@ class DeviceHarness:
         tx = self.pairs * self.ring_num * self.tx_slot_size
         cvq_in_data = self.cvq_index is not None and self.cvq_asid == 0
         cvq_bytes = RingLayout.for_num(self.ring_num).size + _ARENA_CVQ_SCRATCH
-        rw_size = _round_up(rings + rx + (cvq_bytes if cvq_in_data else 0), PAGE)
+        # + one page per allocation for alignment padding
+        slack = (4 * self.pairs + 2) * PAGE
+        rw_size = _round_up(rings + rx + (cvq_bytes if cvq_in_data else 0) + slack, PAGE)
         size = rw_size + _round_up(tx, PAGE)
         iova = self._choose_iova(size)
         data = Arena("data", size, iova, asid=0)
@@ -397,6 +390,7 @@ class DeviceHarness:
                 self._map(a, 0, a.size, Perm.RW)
         # TX slots sit in the read-only tail; everything else is allocated from the front
         data.used = 0
+        data.limit = rw_size
         self._tx_region = rw_size
         self.log.debug("memory_mapped", iova=hex(iova), size=size, cvq_asid=self.cvq_asid)
 
@@ -582,9 +576,7 @@ class DeviceHarness:
             assert isinstance(token, int)
             off = vq.slot_off + token * vq.slot_size
             if length > vq.slot_size:
-                raise HarnessError(
-                    f"vq {vq.index}: device wrote {length} bytes into a {vq.slot_size}-byte buffer"
-                )
+                raise HarnessError(f"vq {vq.index}: device wrote {length} bytes into a {vq.slot_size}-byte buffer")
             partial.append((off, length))
             vq.free_slots.append(token)
         while partial:
@@ -681,13 +673,15 @@ class DeviceHarness:
         vq = self.tx_vq(pair)
         deadline = self._deadline(timeout)
         rest = list(frames)
-        while rest or vq.ring.in_flight():
+        while True:
             self.reap_tx(pair)
             if rest:
                 n = self.post_tx(rest, pair)
                 rest = rest[n:]
                 if n:
                     continue
+            if not vq.ring.in_flight():
+                return
             if trio.current_time() >= deadline:
                 raise HarnessTimeout(
                     f"vq {vq.index}: {vq.ring.in_flight()} TX chains not consumed, {len(rest)} not queued; "

@@ -50,9 +50,7 @@ def build_inplace() -> pathlib.Path:
     """Compile under build/cffi and copy the extension next to this file (development use, tests)."""
     import shutil
 
-    built = pathlib.Path(
-        ffibuilder.compile(tmpdir=str(_HERE.parent.parent / "build" / "cffi"), verbose=False)
-    )
+    built = pathlib.Path(ffibuilder.compile(tmpdir=str(_HERE.parent.parent / "build" / "cffi"), verbose=False))
     dest = _HERE / built.name
     shutil.copy2(built, dest)
     return dest

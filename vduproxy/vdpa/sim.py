@@ -39,9 +39,7 @@ lib: Any = _sim_core.lib
 
 ABI_VERSION = 1
 if lib.sim_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
-    raise ImportError(
-        f"vduproxy.vdpa._sim_core ABI {lib.sim_abi_version()} != {ABI_VERSION}: rebuild the extension"
-    )
+    raise ImportError(f"vduproxy.vdpa._sim_core ABI {lib.sim_abi_version()} != {ABI_VERSION}: rebuild the extension")
 
 log = get_logger(__name__)
 
@@ -179,9 +177,7 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
         features = _flags("features", data["features"], NetF)
         backend = _flags("backend_features", data["backend_features"], BackendF)
         if features & ~SUPPORTED_FEATURES:
-            raise SimConfigError(
-                f"features not implemented by the sim: {NetF(features & ~SUPPORTED_FEATURES)!r}"
-            )
+            raise SimConfigError(f"features not implemented by the sim: {NetF(features & ~SUPPORTED_FEATURES)!r}")
         if backend & ~SUPPORTED_BACKEND:
             raise SimConfigError(
                 f"backend features not implemented by the sim: {BackendF(backend & ~SUPPORTED_BACKEND)!r}"
@@ -201,9 +197,7 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 for v in iova)
             or iova[0] > iova[1]
         ):
-            raise SimConfigError(
-                f"iova_range must be [first, last] with 0 <= first <= last < 2**64, got {iova!r}"
-            )
+            raise SimConfigError(f"iova_range must be [first, last] with 0 <= first <= last < 2**64, got {iova!r}")
         if not isinstance(data["mac"], str):
             raise SimConfigError("mac must be a string like 02:00:00:00:00:01")
         if not isinstance(data["description"], str):
@@ -487,9 +481,7 @@ class SimDevice:
         if new & Status.FEATURES_OK and not old & Status.FEATURES_OK:
             missing = _REQUIRED_FOR_FEATURES_OK & ~self._features
             if missing:
-                self.log.warning(
-                    "features_ok_refused", missing=repr(NetF(missing)), features=hex(self._features)
-                )
+                self.log.warning("features_ok_refused", missing=repr(NetF(missing)), features=hex(self._features))
                 new &= ~Status.FEATURES_OK
             else:
                 self._check("set_status", lib.sim_set_features(dev, self._features))
@@ -512,9 +504,7 @@ class SimDevice:
     def get_config(self, offset: int, length: int) -> bytes:
         dev = self._handle("get_config")
         if not (0 <= offset <= CONFIG_SIZE and 0 < length <= CONFIG_SIZE):
-            raise DeviceError(
-                "get_config", f"offset {offset} length {length} outside {CONFIG_SIZE}", errno.EINVAL
-            )
+            raise DeviceError("get_config", f"offset {offset} length {length} outside {CONFIG_SIZE}", errno.EINVAL)
         buf = ffi.new("uint8_t[]", length)
         self._check("get_config", lib.sim_get_config(dev, offset, buf, length))
         return bytes(ffi.buffer(buf, length))
@@ -522,9 +512,7 @@ class SimDevice:
     def set_config(self, offset: int, data: bytes) -> None:
         dev = self._handle("set_config")
         if not (0 <= offset < CONFIG_SIZE and 0 < len(data) <= CONFIG_SIZE):
-            raise DeviceError(
-                "set_config", f"offset {offset} length {len(data)} outside the MAC", errno.EINVAL
-            )
+            raise DeviceError("set_config", f"offset {offset} length {len(data)} outside the MAC", errno.EINVAL)
         self._check("set_config", lib.sim_set_config(dev, offset, data, len(data)))
 
     # ------------------------------------------------------------ topology
@@ -560,9 +548,7 @@ class SimDevice:
         dev = self._handle("set_vring_num")
         self._vq("set_vring_num", index)
         if not (is_pow2(num) and num <= self.profile.ring_max):
-            raise DeviceError(
-                "set_vring_num", f"{num} is not a power of two <= {self.profile.ring_max}", errno.EINVAL
-            )
+            raise DeviceError("set_vring_num", f"{num} is not a power of two <= {self.profile.ring_max}", errno.EINVAL)
         self._check("set_vring_num", lib.sim_set_vring_num(dev, index, num))
 
     def set_vring_addr(self, index: int, desc: int, avail: int, used: int) -> None:
@@ -594,15 +580,11 @@ class SimDevice:
 
     def set_vring_kick(self, index: int, fd: int) -> None:
         dev = self._handle("set_vring_kick")
-        self._check(
-            "set_vring_kick", lib.sim_set_vring_kick(dev, index, self._set_fd("set_vring_kick", index, fd))
-        )
+        self._check("set_vring_kick", lib.sim_set_vring_kick(dev, index, self._set_fd("set_vring_kick", index, fd)))
 
     def set_vring_call(self, index: int, fd: int) -> None:
         dev = self._handle("set_vring_call")
-        self._check(
-            "set_vring_call", lib.sim_set_vring_call(dev, index, self._set_fd("set_vring_call", index, fd))
-        )
+        self._check("set_vring_call", lib.sim_set_vring_call(dev, index, self._set_fd("set_vring_call", index, fd)))
 
     def set_vring_enable(self, index: int, enable: bool) -> None:
         dev = self._handle("set_vring_enable")
@@ -655,9 +637,7 @@ class SimDevice:
             raise DeviceError(op, f"uaddr range [{uaddr:#x}, +{size:#x}): {problem}", errno.EFAULT)
         rc = lib.sim_iotlb_update(dev, asid, iova, size, uaddr, int(perm))
         if rc == -errno.EEXIST:
-            raise DeviceError(
-                op, f"[{iova:#x}, +{size:#x}) overlaps an existing map in asid {asid}", errno.EFAULT
-            )
+            raise DeviceError(op, f"[{iova:#x}, +{size:#x}) overlaps an existing map in asid {asid}", errno.EFAULT)
         if rc < 0:
             raise DeviceError(op, os.strerror(-rc), errno.EFAULT)
 
@@ -715,9 +695,7 @@ class SimDevice:
         out = []
         f = ffi.new("struct sim_fault *")
         while lib.sim_take_fault(dev, f) == 1:
-            out.append(
-                DeviceFault(vq=f.vq, reason=ffi.string(f.reason).decode(errors="replace"), iova=f.iova)
-            )
+            out.append(DeviceFault(vq=f.vq, reason=ffi.string(f.reason).decode(errors="replace"), iova=f.iova))
         for fault in out:
             self.log.warning("device_fault", vq=fault.vq, reason=fault.reason, iova=hex(fault.iova))
         return out
