@@ -292,9 +292,7 @@ class Svq:
         """With the thread stopped and the device suspended: finish the vq and return the guest base for
         GET_VRING_BASE. The vq is detached afterwards; nothing touches guest memory for it again."""
         out = ffi.new("uint16_t *")
-        rc = lib.svq_drain_vq(
-            self._handle(), self._vq(vq), _u("device_last_avail", device_last_avail, 16), out
-        )
+        rc = lib.svq_drain_vq(self._handle(), self._vq(vq), _u("device_last_avail", device_last_avail, 16), out)
         self._check("svq_drain_vq", rc, vq)
         return int(out[0])
 

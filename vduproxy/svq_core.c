@@ -97,7 +97,8 @@ struct vq {
     struct gring g;
     struct sring sh;
     bool has_guest, has_shadow;
-    uint32_t broken; /* atomic: set once with release after `reason` is written */
+    uint32_t broken;             /* atomic: 0 -> 1 once, by vq_fail; back to 0 only by detach */
+    pthread_mutex_t reason_lock; /* `reason` is written by the thread and by API calls, read by API calls */
     char reason[SVQ_REASON_LEN];
     struct svq_stats st; /* counters: atomic adds by whoever processes, atomic loads by readers */
 };
@@ -119,10 +120,20 @@ struct svq {
 
 /* ---- small helpers --------------------------------------------------------------------------------------- */
 
-static inline uint16_t ld16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED); }
-static inline uint16_t ld16_acq(const uint8_t *p) { return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_ACQUIRE); }
+/* Ring indices are shared with another agent: single atomic accesses (callers checked the 2-byte alignment). */
+static inline uint16_t ld16(const uint8_t *p)
+{
+    return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_RELAXED);
+}
+static inline uint16_t ld16_acq(const uint8_t *p)
+{
+    return __atomic_load_n((const uint16_t *)(const void *)p, __ATOMIC_ACQUIRE);
+}
 static inline void st16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELAXED); }
-static inline void st16_rel(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE); }
+static inline void st16_rel(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)(void *)p, v, __ATOMIC_RELEASE);
+}
 static inline void full_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void stat_add(uint64_t *c, uint64_t v) { if (v) __atomic_fetch_add(c, v, __ATOMIC_RELAXED); }
 static inline bool is_pow2(uint32_t n) { return n && !(n & (n - 1)); }
@@ -143,13 +154,28 @@ static void signal_fd(int fd)
     }
 }
 
+static void set_reason_v(struct vq *q, const char *fmt, va_list ap)
+{
+    pthread_mutex_lock(&q->reason_lock);
+    vsnprintf(q->reason, sizeof(q->reason), fmt, ap);
+    pthread_mutex_unlock(&q->reason_lock);
+}
+
+__attribute__((format(printf, 2, 3))) static void set_reason(struct vq *q, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    set_reason_v(q, fmt, ap);
+    va_end(ap);
+}
+
 __attribute__((format(printf, 3, 4))) static int vq_fail(svq_t *s, struct vq *q, const char *fmt, ...)
 {
     if (is_broken(q))
         return -EIO;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(q->reason, sizeof(q->reason), fmt, ap);
+    set_reason_v(q, fmt, ap);
     va_end(ap);
     stat_add(&q->st.faults, 1);
     __atomic_store_n(&q->broken, 1, __ATOMIC_RELEASE);
@@ -323,11 +349,13 @@ static int log_indirect(svq_t *s, struct vq *q, const struct sdesc *e, uint64_t 
     const uint8_t *tab = gpa_local(s, e->gpa, e->len);
     uint32_t n = e->len / DESC_SIZE;
     if (!tab)
-        return vq_fail(s, q, "indirect table 0x%llx left guest memory while in flight", (unsigned long long)e->gpa);
+        return vq_fail(s, q, "indirect table 0x%llx left guest memory while in flight",
+                       (unsigned long long)e->gpa);
     for (uint32_t i = 0, hops = 0; *left;) {
         struct vdesc d;
         if (++hops > n)
-            return vq_fail(s, q, "indirect table 0x%llx changed into a loop while in flight", (unsigned long long)e->gpa);
+            return vq_fail(s, q, "indirect table 0x%llx changed into a loop while in flight",
+                           (unsigned long long)e->gpa);
         memcpy(&d, tab + (size_t)i * DESC_SIZE, sizeof(d));
         if (d.flags & DESC_F_WRITE) {
             uint64_t w = d.len < *left ? d.len : *left;
@@ -439,7 +467,8 @@ static int add_indirect(svq_t *s, struct vq *q, struct chain *c, const struct vd
         return vq_fail(s, q, "indirect table of %u entries is longer than %u", n, SVQ_MAX_RING);
     const uint8_t *tab = gpa_local(s, d->addr, d->len);
     if (!tab)
-        return vq_fail(s, q, "indirect table 0x%llx+%u is outside guest memory", (unsigned long long)d->addr, d->len);
+        return vq_fail(s, q, "indirect table 0x%llx+%u is outside guest memory", (unsigned long long)d->addr,
+                       d->len);
     /* Passing the table needs its GPAs to be valid IOVAs and the descriptor to start the shadow chain. */
     bool pass = (q->sh.flags & SVQ_DEV_INDIRECT) && s->identity && c->ndesc == 0;
     for (uint32_t i = 0, hops = 0;;) {
@@ -499,7 +528,8 @@ static int forward_chain(svq_t *s, struct vq *q, uint32_t head, uint32_t *out)
         goto undo;
     }
     memcpy(q->sh.desc + (size_t)c.pend_id * DESC_SIZE, &c.pend, sizeof(c.pend));
-    q->sh.hd[c.first] = (struct shead){.wlen = c.wlen, .ndesc = c.ndesc, .guest_head = (uint16_t)head, .in_use = true};
+    q->sh.hd[c.first] =
+        (struct shead){.wlen = c.wlen, .ndesc = c.ndesc, .guest_head = (uint16_t)head, .in_use = true};
     *out = c.first;
     return 0;
 undo:
@@ -537,12 +567,15 @@ static int set_avail_event(svq_t *s, struct vq *q)
     return 0;
 }
 
-static uint32_t process_avail(svq_t *s, struct vq *q)
+/* Rounds of "publish event index, re-check" per call: bounded so an index that keeps flipping cannot pin us. */
+#define RECHECKS 4
+
+static uint32_t process_avail(svq_t *s, struct vq *q, bool *more)
 {
     struct gring *g = &q->g;
     struct sring *r = &q->sh;
     uint16_t old_avail = r->avail_idx;
-    uint32_t moved = 0, budget = g->num;
+    uint32_t moved = 0, budget = g->num, rechecks = 0;
     bool stalled = false;
     while (!stalled) {
         uint16_t avail_idx = ld16_acq(g->avail + 2);
@@ -560,11 +593,16 @@ static uint32_t process_avail(svq_t *s, struct vq *q)
             full_fence();
             if (ld16_acq(g->avail + 2) == g->last_avail)
                 break;
+            if (++rechecks > RECHECKS) {
+                *more = true;
+                break;
+            }
             continue;
         }
         for (; n; n--) {
             if (!budget) {
-                stalled = true; /* more work: the caller comes back without sleeping */
+                stalled = true;
+                *more = true; /* the caller comes back without sleeping */
                 break;
             }
             uint32_t head = ld16(g->avail + 4 + 2 * (size_t)(g->last_avail & (g->num - 1)));
@@ -600,8 +638,9 @@ static int call_guest(svq_t *s, struct vq *q, uint16_t old_used)
 {
     struct gring *g = &q->g;
     full_fence();
-    bool need = (g->flags & SVQ_F_EVENT_IDX) ? need_event(ld16(g->avail + 4 + 2 * (size_t)g->num), g->used_idx, old_used)
-                                             : !(ld16(g->avail) & AVAIL_F_NO_INTERRUPT);
+    bool need = (g->flags & SVQ_F_EVENT_IDX)
+                    ? need_event(ld16(g->avail + 4 + 2 * (size_t)g->num), g->used_idx, old_used)
+                    : !(ld16(g->avail) & AVAIL_F_NO_INTERRUPT);
     if (!need)
         return 0;
     int rc = notify_fd(g->call_fd, g->call_is_efd);
@@ -642,12 +681,12 @@ static int publish_used(svq_t *s, struct vq *q, uint16_t old_used)
     return call_guest(s, q, old_used);
 }
 
-static uint32_t process_used(svq_t *s, struct vq *q)
+static uint32_t process_used(svq_t *s, struct vq *q, bool *more)
 {
     struct gring *g = &q->g;
     struct sring *r = &q->sh;
     uint16_t old_used = g->used_idx;
-    uint32_t moved = 0;
+    uint32_t moved = 0, rechecks = 0;
     uint64_t bytes = 0;
     for (;;) {
         uint16_t used_idx = ld16_acq(r->used + 2);
@@ -660,11 +699,15 @@ static uint32_t process_used(svq_t *s, struct vq *q)
             full_fence();
             if (ld16_acq(r->used + 2) == r->last_used)
                 break;
+            if (++rechecks > RECHECKS) {
+                *more = true;
+                break;
+            }
             continue;
         }
         if (n > r->inflight) {
-            vq_fail(s, q, "device used idx %u is %u ahead of %u with %u chains in flight", used_idx, n, r->last_used,
-                    r->inflight);
+            vq_fail(s, q, "device used idx %u is %u ahead of %u with %u chains in flight", used_idx, n,
+                    r->last_used, r->inflight);
             return moved;
         }
         for (; n; n--) {
@@ -694,16 +737,17 @@ static uint32_t process_used(svq_t *s, struct vq *q)
 
 static bool vq_active(const struct vq *q) { return q->has_guest && q->has_shadow && !is_broken(q); }
 
-static uint32_t process_all(svq_t *s)
+/* One round over every vq. *more is set when a vq stopped early with work left (budget or re-check limit). */
+static uint32_t process_all(svq_t *s, bool *more)
 {
     uint32_t total = 0;
     for (uint32_t i = 0; i < s->nvqs; i++) {
         struct vq *q = &s->vqs[i];
         if (!vq_active(q))
             continue;
-        uint32_t moved = process_used(s, q);
+        uint32_t moved = process_used(s, q, more);
         if (!is_broken(q))
-            moved += process_avail(s, q);
+            moved += process_avail(s, q, more);
         if (moved)
             stat_add(&q->st.batches, 1);
         total += moved;
@@ -745,7 +789,8 @@ static void *svq_thread(void *arg)
     svq_t *s = arg;
     sigset_t all;
     sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals belong to the Python main thread; EPIPE comes back as errno */
+    /* Signals belong to the Python main thread; a write to a dead pipe comes back as EPIPE. */
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
     struct epoll_event evs[32];
     int timeout = 0; /* first round: pick up whatever was pending before start */
     uint64_t busy_until = 0;
@@ -764,11 +809,12 @@ static void *svq_thread(void *arg)
                 return NULL;
             handle_event(s, &evs[i]);
         }
-        uint32_t moved = process_all(s);
+        bool more = false;
+        uint32_t moved = process_all(s, &more);
         uint64_t now = s->busy_poll_us ? now_us() : 0;
         if (moved && s->busy_poll_us)
             busy_until = now + s->busy_poll_us;
-        timeout = (moved || now < busy_until) ? 0 : -1;
+        timeout = (moved || more || now < busy_until) ? 0 : -1;
     }
 }
 
@@ -846,6 +892,8 @@ svq_t *svq_new(uint32_t nvqs, int error_efd)
     for (uint32_t i = 0; i < nvqs; i++) {
         struct vq *q = &s->vqs[i];
         q->g.kick_fd = q->g.call_fd = q->sh.kick_fd = q->sh.call_fd = -1;
+        /* default attributes: glibc's init cannot fail then, so there is nothing to unwind per vq */
+        pthread_mutex_init(&q->reason_lock, NULL);
     }
     if ((e = -dup_fd(error_efd, &s->error_efd)))
         goto fail;
@@ -896,6 +944,7 @@ void svq_free(svq_t *s)
     for (uint32_t i = 0; i < s->nvqs; i++) {
         detach_guest(&s->vqs[i]);
         detach_shadow(&s->vqs[i]);
+        pthread_mutex_destroy(&s->vqs[i].reason_lock);
     }
     close_fd(&s->ctl_efd);
     close_fd(&s->error_efd);
@@ -996,20 +1045,20 @@ int svq_attach_guest(svq_t *s, uint32_t vq, uint32_t num, uint64_t desc_gpa, uin
         goto out;
     }
     if ((desc_gpa & 15) || (avail_gpa & 1) || (used_gpa & 3)) {
-        snprintf(q->reason, sizeof(q->reason), "guest ring parts are misaligned");
+        set_reason(q, "guest ring parts are misaligned");
         rc = -EINVAL;
         goto out;
     }
     if ((rc = resolve_guest(s, &g))) {
-        snprintf(q->reason, sizeof(q->reason), "guest ring (desc 0x%llx avail 0x%llx used 0x%llx, %u entries) is "
+        set_reason(q, "guest ring (desc 0x%llx avail 0x%llx used 0x%llx, %u entries) is "
                  "not inside guest memory", (unsigned long long)desc_gpa, (unsigned long long)avail_gpa,
                  (unsigned long long)used_gpa, num);
         goto out;
     }
     g.used_idx = ld16_acq(g.used + 2);
     if ((uint16_t)(last_avail - g.used_idx) > num) {
-        snprintf(q->reason, sizeof(q->reason), "guest used idx %u is more than %u behind last_avail %u", g.used_idx,
-                 num, last_avail);
+        set_reason(q, "guest used idx %u is more than %u behind last_avail %u",
+                 g.used_idx, num, last_avail);
         rc = -ERANGE;
         goto out;
     }
@@ -1021,7 +1070,7 @@ int svq_attach_guest(svq_t *s, uint32_t vq, uint32_t num, uint64_t desc_gpa, uin
     detach_guest(q);
     q->g = g;
     q->has_guest = true;
-    q->reason[0] = '\0';
+    set_reason(q, "%s", "");
 out:
     return resume_thread(s, was, rc);
 }
@@ -1082,7 +1131,7 @@ int svq_detach(svq_t *s, uint32_t vq)
     detach_guest(q);
     detach_shadow(q);
     __atomic_store_n(&q->broken, 0, __ATOMIC_RELEASE);
-    q->reason[0] = '\0';
+    set_reason(q, "%s", "");
     return resume_thread(s, was, 0);
 }
 
@@ -1145,7 +1194,8 @@ int svq_poll(svq_t *s)
     }
     sigset_t old;
     block_sigpipe(&old);
-    uint32_t moved = process_all(s);
+    bool more = false;
+    uint32_t moved = process_all(s, &more);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_mutex_unlock(&s->lock);
     return moved > INT32_MAX ? INT32_MAX : (int)moved;
@@ -1195,7 +1245,8 @@ static int drain(svq_t *s, struct vq *q, uint16_t dev_last_avail, uint16_t *gues
 {
     struct gring *g = &q->g;
     struct sring *r = &q->sh;
-    process_used(s, q);
+    bool more = false; /* a suspended device does not move its used index: one pass takes everything */
+    process_used(s, q, &more);
     if (is_broken(q))
         return -EIO;
     uint16_t unconsumed = (uint16_t)(r->avail_idx - dev_last_avail);
@@ -1217,7 +1268,7 @@ static int drain(svq_t *s, struct vq *q, uint16_t dev_last_avail, uint16_t *gues
         }
     }
     if (below != unconsumed) {
-        snprintf(q->reason, sizeof(q->reason), "device last_avail %u does not match %u unconsumed of %u in flight",
+        set_reason(q, "device last_avail %u does not match %u unconsumed of %u in flight",
                  dev_last_avail, below, r->inflight);
         free(done);
         return -ERANGE;
@@ -1319,12 +1370,8 @@ int svq_vq_error(svq_t *s, uint32_t vq, char *buf, size_t len)
     struct vq *q = vq_of(s, vq);
     if (!q || !buf || !len)
         return -EINVAL;
-    pthread_mutex_lock(&s->lock);
-    /* While the thread runs, the reason is stable only once the broken flag is published. */
-    if (s->running && !is_broken(q))
-        buf[0] = '\0';
-    else
-        snprintf(buf, len, "%s", q->reason);
-    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_lock(&q->reason_lock);
+    snprintf(buf, len, "%s", q->reason);
+    pthread_mutex_unlock(&q->reason_lock);
     return (int)strlen(buf);
 }

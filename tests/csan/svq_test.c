@@ -103,7 +103,8 @@ static void env_init(struct env *e, uint32_t num, uint64_t shift, uint32_t gflag
     e->shift = shift;
     e->err_efd = efd();
     e->s = svq_new(2, e->err_efd);
-    struct svq_region r = {.gpa = GPA, .size = MEM_SIZE, .local = (uint64_t)(uintptr_t)e->mem, .iova = GPA + shift};
+    struct svq_region r = {
+        .gpa = GPA, .size = MEM_SIZE, .local = (uint64_t)(uintptr_t)e->mem, .iova = GPA + shift};
     CHECK(svq_set_regions(e->s, &r, 1) == 0);
     size_t rb = (ring_bytes(num) + 15) & ~(size_t)15;
     uint64_t g0 = GPA + MEM_SIZE - rb;
@@ -415,7 +416,14 @@ static void h_nested(struct env *e)
 }
 static void h_ind_len(struct env *e) { gdesc(e, 0, 0, galloc(e, 64, 16), 40, F_IND, 0); goffer(e, 0, 0); }
 static void h_ind_long(struct env *e) { gdesc(e, 0, 0, GPA, 16u * 40000u, F_IND, 0); goffer(e, 0, 0); }
-static void h_ind_end(struct env *e) { gdesc(e, 0, 0, GPA + MEM_SIZE - 16, 64, F_IND, 0); goffer(e, 0, 0); }
+static void h_ind_end(struct env *e)
+{
+    /* a table whose first entry is valid and chains on past the end of guest memory */
+    struct desc d = {galloc(e, 64, 16), 64, F_NEXT, 1};
+    memcpy(gptr(e, GPA + MEM_SIZE - 16), &d, sizeof(d));
+    gdesc(e, 0, 0, GPA + MEM_SIZE - 16, 64, F_IND, 0);
+    goffer(e, 0, 0);
+}
 static void h_ind_next(struct env *e)
 {
     uint64_t t = galloc(e, 16, 16);
@@ -506,7 +514,8 @@ static void test_fuzz(void)
                 uint64_t t = galloc(&e, 64, 16);
                 for (int k = 0; k < 64; k++)
                     gptr(&e, t)[k] = (uint8_t)(x >> (k % 56));
-                struct desc td = {GPA + (x >> 10) % 4096, (uint32_t)((x >> 30) % 200), (uint16_t)((x >> 3) & 3), 1};
+                struct desc td = {GPA + (x >> 10) % 4096, (uint32_t)((x >> 30) % 200),
+                                  (uint16_t)((x >> 3) & 3), 1};
                 memcpy(gptr(&e, t), &td, 16);
                 gdesc(&e, 0, i, t, 16u * (uint32_t)(1 + (x >> 56) % 4), F_IND, 0);
             }

@@ -383,21 +383,29 @@ async def test_unmapped_descriptor_faults_only_its_vq(harness: DeviceHarness) ->
 
     h.post_raw(tx, [Buf(bad, 64)])
 
-    if device.fault_fd() >= 0:
+    reports_faults = device.fault_fd() >= 0
+    if reports_faults:
         faults = await h.wait_faults()
         assert tx in {f.vq for f in faults}
         stats = h.stats(tx)
         assert stats.faults >= 1
         assert stats.error
-    # the device and this process are alive, and the chain was not completed as if it were good
+        # the faulted vq stays stopped: a good frame behind the bad chain is not consumed either
+        h.post_tx([make_frame(h.mac, 60, seq=7)])
+    # the device and this process are alive and another vq (the CVQ) still works; its completion also
+    # tells that the device has looked at the TX kick (one processing loop serves every vq)
     assert device.get_status() & Status.FEATURES_OK
     if h.cvq_index is not None and h.has(NetF.CTRL_MAC_ADDR):
-        assert await h.set_mac(h.mac) == CTRL_OK  # another vq (the CVQ) still works
+        assert await h.set_mac(h.mac) == CTRL_OK
     elif h.cvq_index is not None and h.has(NetF.CTRL_RX):
         assert await h.set_rx_mode(CTRL_RX_PROMISC, True) == CTRL_OK
-    if device.fault_fd() < 0:
-        # the kernel reports nothing: what a driver sees is that the vq consumed nothing after it
+    if reports_faults:
         assert h.used_idx(tx) == before
+        assert h.stats(tx).error
+    # A device without fault reports (the kernel's) gives a driver nothing to assert about the bad chain
+    # itself. Linux 6.1 vdpa_sim_net does not stop the vq: vdpasim_net_work() passes the -EINVAL of the
+    # failed pull to receive_filter() as a size_t, so the chain is completed and the previous frame's bytes
+    # may be looped to RX again. What must hold everywhere: no crash, other vqs work, a reset recovers.
     if two_pairs:
         frame = make_frame(h.mac, 100, seq=1)
         assert await h.roundtrip([frame], pair=1) == [frame]

@@ -27,13 +27,7 @@ pytestmark = pytest.mark.unit
 
 # what `vdpa dev add ... mgmtdev vdpasim_net` on Linux 6.1 reports (testbed/vdpa-kernel/REPORT.md)
 KERNEL_VDPASIM_FEATURES = (
-    NetF.MTU
-    | NetF.MAC
-    | NetF.CTRL_VQ
-    | NetF.CTRL_MAC_ADDR
-    | NetF.ANY_LAYOUT
-    | NetF.VERSION_1
-    | NetF.ACCESS_PLATFORM
+    NetF.MTU | NetF.MAC | NetF.CTRL_VQ | NetF.CTRL_MAC_ADDR | NetF.ANY_LAYOUT | NetF.VERSION_1 | NetF.ACCESS_PLATFORM
 )
 KERNEL_VDPASIM_BACKEND = BackendF.IOTLB_MSG_V2 | BackendF.IOTLB_BATCH | BackendF.IOTLB_ASID | BackendF.SUSPEND
 

@@ -67,9 +67,7 @@ def default_kernel(boot: Path = Path("/boot")) -> tuple[Path, str]:
         if (Path("/lib/modules") / kver / "modules.dep").exists():
             found.append((k, kver))
     if not found:
-        raise InitramfsError(
-            f"no {boot}/vmlinuz-* with /lib/modules/KVER/modules.dep (install linux-image-amd64)"
-        )
+        raise InitramfsError(f"no {boot}/vmlinuz-* with /lib/modules/KVER/modules.dep (install linux-image-amd64)")
     return max(found, key=lambda kv: _version_key(kv[1]))
 
 
@@ -221,9 +219,7 @@ def build_initramfs(
     key.update(hashlib.sha256(bb).digest())
     out_dir = cache if cache is not None else cache_dir()
     out = out_dir / f"initramfs-{kver}-{key.hexdigest()[:16]}.cpio.gz"
-    names = tuple(
-        m.rsplit("/", 1)[-1].removesuffix(".xz").removesuffix(".zst").removesuffix(".gz") for m in mods
-    )
+    names = tuple(m.rsplit("/", 1)[-1].removesuffix(".xz").removesuffix(".zst").removesuffix(".gz") for m in mods)
     image = GuestImage(kernel=kernel, initrd=out, kver=kver, modules=names)
     if out.exists():
         log.debug("initramfs cache hit", path=str(out))
@@ -240,9 +236,7 @@ def build_initramfs(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info(
-        "initramfs built", path=str(out), size=len(data), kver=kver, modules=list(names), busybox=str(bb_path)
-    )
+    log.info("initramfs built", path=str(out), size=len(data), kver=kver, modules=list(names), busybox=str(bb_path))
     return image
 
 

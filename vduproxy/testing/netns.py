@@ -41,9 +41,7 @@ async def ip_cmd(
     with trio.fail_after(timeout):
         res = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
     if check and res.returncode != 0:
-        raise NetnsError(
-            f"{' '.join(argv)} failed rc={res.returncode}: {res.stderr.decode(errors='replace').strip()}"
-        )
+        raise NetnsError(f"{' '.join(argv)} failed rc={res.returncode}: {res.stderr.decode(errors='replace').strip()}")
     return res
 
 
@@ -56,9 +54,7 @@ def unique_token() -> str:
 class NetNs:
     name: str
 
-    async def exec(
-        self, *argv: str, check: bool = True, timeout: float = 30.0
-    ) -> subprocess.CompletedProcess[bytes]:
+    async def exec(self, *argv: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
         """Run a command inside the namespace."""
         return await ip_cmd(["ip", "netns", "exec", self.name, *argv], check=check, timeout=timeout)
 

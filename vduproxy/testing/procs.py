@@ -65,7 +65,8 @@ class LineLog:
         self.closed = False
         self._partial = b""
         self._changed = trio.Event()
-        self._file: IO[str] | None = path.open("a", encoding="utf-8") if path is not None else None
+        self.path = path
+        self._file: IO[str] | None = None
 
     def mark(self) -> int:
         """Index of the next line: pass it as `since` to wait only for output produced from now on."""
@@ -100,6 +101,9 @@ class LineLog:
 
     def _append(self, line: Line) -> None:
         self.lines.append(line)
+        if self.path is not None and self._file is None and not self.closed:
+            # Opened on first output, so a process that never starts leaves no file and no open fd.
+            self._file = self.path.open("a", encoding="utf-8")
         if self._file is not None:
             self._file.write(f"[{line.t:9.3f}] {line.text}\n")
             self._file.flush()
@@ -148,9 +152,7 @@ class LineLog:
                         f"output ended before {rx.pattern!r} appeared", name=self.name, output=self.tail()
                     )
                 await self._changed.wait()
-        raise OutputTimeout(
-            f"{rx.pattern!r} did not appear within {timeout:.0f} s", name=self.name, output=self.tail()
-        )
+        raise OutputTimeout(f"{rx.pattern!r} did not appear within {timeout:.0f} s", name=self.name, output=self.tail())
 
 
 class ManagedProcess:

@@ -18,7 +18,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from vduproxy.testing.procs import (
     ManagedProcess,
     OutputTimeout,
     ProcessError,
+    ProcessExited,
     open_service_nursery,
     short_socket_path,
 )
@@ -224,10 +225,17 @@ class QmpClient:
         self.events: list[dict[str, Any]] = []
 
     @classmethod
-    async def connect(cls, path: Path, timeout: float = DEFAULT_TIMEOUT) -> QmpClient:
-        """Connect and negotiate capabilities; retries while QEMU has not created or served the socket yet."""
+    async def connect(
+        cls, path: Path, timeout: float = DEFAULT_TIMEOUT, *, alive: Callable[[], bool] | None = None
+    ) -> QmpClient:
+        """Connect and negotiate capabilities; retries while QEMU has not created or served the socket yet.
+
+        `alive` stops the retries early once QEMU has exited.
+        """
         with trio.move_on_after(timeout):
             while True:
+                if alive is not None and not alive():
+                    raise QmpError(f"QEMU exited before QMP on {path} answered")
                 try:
                     stream = await trio.open_unix_socket(str(path))
                 except (FileNotFoundError, ConnectionRefusedError):
@@ -362,7 +370,9 @@ class QemuGuest:
         """Execute a QMP command (connecting on first use)."""
         with trio.fail_after(timeout):
             if self._qmp is None:
-                self._qmp = await QmpClient.connect(self.qmp_path, timeout)
+                if not self.process.running:
+                    raise ProcessExited("QEMU is not running", name=self.name, output=self.output.tail())
+                self._qmp = await QmpClient.connect(self.qmp_path, timeout, alive=lambda: self.process.running)
             return await self._qmp.execute(command, arguments)
 
     async def query_status(self) -> str:
