@@ -8,7 +8,7 @@
 #   scripts/kernel-tier.sh [PYTEST ARGS...]
 #       No hardware: build (once, ~10 min on 2 cores, cached under $VDUPROXY_CACHE or ~/.cache/vduproxy) a
 #       kernel with vdpa_sim_net, boot it under QEMU TCG and run the suite inside against /dev/vhost-vdpa-0.
-#       PYTEST ARGS go to the inner run (e.g. -k loopback -x).
+#       PYTEST ARGS go to the inner run (e.g. -x, or -k "vhost-vdpa and loopback").
 #   scripts/kernel-tier.sh --build
 #       Only build the kernel (or confirm it is cached) and print its path.
 set -euo pipefail
@@ -29,7 +29,7 @@ case "${1:-}" in
     exec "$PY" -m vduproxy.testing.kernelvm build
     ;;
   -h|--help)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 esac

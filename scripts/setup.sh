@@ -9,6 +9,7 @@ APT_PACKAGES=(
   qemu-system-x86 linux-image-amd64 busybox-static      # tier 3: QEMU 7.2 TCG guest with Debian's kernel
   dpdk-dev                                              # tier 3: dpdk-testpmd (virtio-user front-end, vhost peer)
   iproute2 kmod procps psmisc xz-utils cpio             # network namespaces, module resolution, teardown
+  linux-source-6.1 bc bison flex libelf-dev libssl-dev  # tier 4: a small kernel with vdpa_sim_net (cached build)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -27,7 +28,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
 # Editable installs do not always leave the compiled cores beside the sources: build them in place explicitly.
+# Remove stale copies first: a module built another way (other suffix) would shadow the fresh one on import.
+find vduproxy -name '_*_core*.so' -delete
 .venv/bin/python setup.py -q build_ext --inplace >/dev/null
 echo "setup: ok ($(.venv/bin/python -c 'import vduproxy; print("vduproxy", vduproxy.__version__)'))"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
-from cffi import FFI  # type: ignore[import-untyped]
+from cffi import FFI
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _HEADER = _HERE / "svq_core.h"

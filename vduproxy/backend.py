@@ -126,6 +126,10 @@ class DataPlane(Protocol):
         """Features the data path can carry toward the guest, or None for no device."""
         ...
 
+    def supports_dirty_log(self) -> bool:
+        """Whether LOG_ALL / LOG_SHMFD may be offered (without them QEMU refuses to migrate: the safe answer)."""
+        ...
+
     def max_pairs(self) -> int: ...
     def max_ring_size(self) -> int: ...
     def mtu(self) -> int | None: ...
@@ -150,6 +154,9 @@ class NullDataPlane:
 
     def device_features(self) -> int | None:
         return None
+
+    def supports_dirty_log(self) -> bool:
+        return True
 
     def max_pairs(self) -> int:
         return self._pairs
@@ -198,8 +205,9 @@ class NetBackend:
         base = DEFAULT_FEATURES if dev is None else dev
         if dataplane.mtu() is None:
             base &= ~NetF.MTU
-        self.offered = (base & ~NEVER_OFFERED) | VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES
-        self._protocol_offered = int(protocol_features)
+        logging = dataplane.supports_dirty_log()
+        self.offered = (base & ~NEVER_OFFERED) | VHOST_USER_F_PROTOCOL_FEATURES | (VHOST_F_LOG_ALL if logging else 0)
+        self._protocol_offered = int(protocol_features) & ~(0 if logging else ProtocolF.LOG_SHMFD)
         self.acked: int | None = None
         self.protocol_acked = 0
         self.owner = False

@@ -2,32 +2,55 @@
 
 - `DeviceSession` owns one vDPA device for the daemon's lifetime (a second open of /dev/vhost-vdpa-N is EBUSY,
   so it is opened once, probed once, and reset between front-end connections).
-- `PassthroughDataPlane` hands the guest's rings to the device: guest memory is mapped into the device
-  IOTLB at IOVA = GPA, the device gets the guest's ring addresses and kick/call fds: no per-packet work.
+- `DeviceDataPlane` drives that device for one connection, in one of two modes (DESIGN.md §1):
+  * passthrough: the guest's rings go to the device as they are (IOVA = GPA, the guest's kick/call fds);
+  * shadow (SVQ): the device gets shadow rings in proxy memory, and the C core (vduproxy.svq) forwards between
+    them and the guest's rings, logging every guest page written while the front-end asks for dirty logging.
 
-vhost-user has no DRIVER_OK (STATUS is not offered to QEMU 7.2), so the device is (re)started whenever the
-set of running rings changes: suspend, read the bases, reset, configure every running ring, DRIVER_OK. Without
-ENABLE_AFTER_DRIVER_OK a vhost-vdpa device cannot add rings after DRIVER_OK, so this is the portable way.
+Guest memory is mapped at IOVA = GPA in both modes, so a mode switch never remaps guest memory and shadow
+descriptors carry the guest's own addresses. Shadow rings and the proxy's CVQ live high in the IOVA range.
+
+vhost-user has no DRIVER_OK (STATUS is not offered to QEMU 7.2), and a vhost-vdpa device cannot take new ring
+addresses after DRIVER_OK, so every change (a ring starts or stops, new memory, a mode switch) is applied the same
+way: stop the SVQ thread, suspend, read each ring's exact base (draining the SVQ), reset, configure, DRIVER_OK.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import mmap
 import os
+import stat
 import struct
+import time
 from collections.abc import Callable
 
 from .backend import NetBackend, NullDataPlane, Vring
 from .log import get_logger
 from .memory import MemoryMap
+from .svq import DevFlags, GuestFlags, Region, Svq, SvqError
+from .vdpa.cvq import CvqClient, CvqError
 from .vdpa.device import BackendF, DeviceError, Perm, VdpaDevice
 from .virtio import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, NetF, Status
+from .vring import RingLayout
 
 log = get_logger(__name__)
 
 WANTED_BACKEND = (
     BackendF.IOTLB_MSG_V2 | BackendF.IOTLB_BATCH | BackendF.IOTLB_ASID | BackendF.SUSPEND | BackendF.RESUME
 )
+# Features the proxy keeps for itself on the device side: it owns the device's control queue.
+PROXY_DEVICE_FEATURES = NetF.CTRL_VQ | NetF.CTRL_MAC_ADDR | NetF.MQ
+# Never passed to the guest: the guest's CVQ is emulated by QEMU for vhost-user (DESIGN.md §3).
+GUEST_HIDDEN = (
+    NetF.ACCESS_PLATFORM | NetF.CTRL_VQ | NetF.CTRL_RX | NetF.CTRL_VLAN | NetF.CTRL_MAC_ADDR
+    | NetF.CTRL_GUEST_OFFLOADS | NetF.GUEST_ANNOUNCE | NetF.CTRL_RX_EXTRA
+)  # fmt: skip
+IOVA_CEILING = (1 << 48) - 1  # stay inside what every IOMMU-backed parent can address
+PAGE = 4096
+SVQ_MODES = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +70,20 @@ class DeviceInfo:
 class DeviceSession:
     """One device, probed once; shared by the successive connections of one socket."""
 
-    def __init__(self, device: VdpaDevice, *, queues: int | None = None, mac: bytes | None = None) -> None:
+    def __init__(
+        self, device: VdpaDevice, *, queues: int | None = None, mac: bytes | None = None, svq: str = "auto"
+    ) -> None:
+        if svq not in SVQ_MODES:
+            raise ValueError(f"svq mode {svq!r} not in {SVQ_MODES}")
         self.device = device
         self.mac_override = mac
+        self.svq_mode = svq
         features = device.get_features()
-        offered_backend = device.get_backend_features()
-        backend = offered_backend & WANTED_BACKEND
+        backend = device.get_backend_features() & WANTED_BACKEND
         device.set_backend_features(backend)
         cfg = device.get_config(0, 12)
         dev_mac, _status, max_pairs, mtu = struct.unpack_from("<6sHHH", cfg)
-        if not features & NetF.MQ:
+        if not features & NetF.MQ or not features & NetF.CTRL_VQ:
             max_pairs = 1
         if queues is not None:
             if not 1 <= queues <= max(max_pairs, 1):
@@ -75,16 +102,12 @@ class DeviceSession:
             iova_first=rng.first,
             iova_last=rng.last,
         )
+        self.backends: list[NetBackend] = []  # live connections (one at a time per socket)
         log.info(
-            "device_probed",
-            device=device.name,
-            features=hex(features),
-            backend_features=hex(backend),
-            mac=dev_mac.hex(":"),
-            max_pairs=self.info.max_pairs,
-            ring_max=self.info.ring_max,
-            vqs=self.info.vqs,
-        )
+            "device_probed", device=device.name, features=hex(features), backend_features=hex(backend),
+            mac=dev_mac.hex(":"), max_pairs=self.info.max_pairs, ring_max=self.info.ring_max, vqs=self.info.vqs,
+            svq=svq,
+        )  # fmt: skip
 
     def reset(self) -> None:
         self.device.set_status(0)
@@ -96,32 +119,78 @@ class DeviceSession:
             self.device.close()
 
 
-class PassthroughDataPlane:
-    """The device reads and writes the guest's own rings."""
+class _Area:
+    """Proxy memory the device reaches through the IOTLB: a memfd mapped MAP_SHARED (VA-mode vDPA drivers skip
+    anonymous private memory)."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        anchor = ctypes.c_char.from_buffer(self.mm)
+        self.local = ctypes.addressof(anchor)
+        del anchor
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+
+@dataclasses.dataclass
+class _Shadow:
+    vq: int
+    num: int
+    layout: RingLayout
+    kick: int  # the SVQ writes it to kick the device
+    call: int  # the device writes it to signal the SVQ
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+class DeviceDataPlane:
+    """Drives the session's device for one front-end connection, in passthrough or shadow mode."""
 
     def __init__(self, session: DeviceSession, conn_id: int) -> None:
         self.session = session
         self.dev = session.device
         self.info = session.info
+        self.mode_policy = session.svq_mode
         self.log = log.bind(conn=conn_id, device=self.info.name)
         self.mem: MemoryMap | None = None
         self.guest_features = 0
         self.rings: dict[int, Vring] = {}  # rings the front-end has started
         self.configured: dict[int, Vring] = {}  # rings the device was given at the last DRIVER_OK
-        self.mapped: list[tuple[int, int]] = []
+        self.shadow_active = False  # the mode of the running configuration
+        self.forced_shadow: bool | None = None  # an operator's override of the policy
+        self.svq: Svq | None = None
+        self.shadows: dict[int, _Shadow] = {}
+        self.area: _Area | None = None
+        self.area_iova = 0
+        self.cvq: CvqClient | None = None
+        self.mac: bytes | None = session.mac_override
+        self.mac_source = "--mac" if session.mac_override else ""
+        self.log_mm: mmap.mmap | None = None
+        self.log_local = 0
+        self.log_size = 0
+        self.switches = 0
+        self.last_switch_us = 0.0
+        self._iova_next = 0
 
     # --- DataPlane -----------------------------------------------------------------------------------------
     def device_features(self) -> int:
-        # The guest's rings go to the device as they are, so the guest may only use what the device does.
-        return self.info.features & ~(
-            NetF.ACCESS_PLATFORM
-            | NetF.CTRL_VQ
-            | NetF.CTRL_RX
-            | NetF.CTRL_VLAN
-            | NetF.CTRL_MAC_ADDR
-            | NetF.CTRL_GUEST_OFFLOADS
-            | NetF.GUEST_ANNOUNCE
-        )
+        # In passthrough the device reads the guest's rings as they are, so the guest may only use what the
+        # device does; the control-queue features stay with the proxy.
+        return self.info.features & ~GUEST_HIDDEN
+
+    def supports_dirty_log(self) -> bool:
+        return self.mode_policy != "never"
 
     def max_pairs(self) -> int:
         return self.info.max_pairs
@@ -135,108 +204,315 @@ class PassthroughDataPlane:
     async def set_memory(self, mem: MemoryMap | None) -> None:
         self.mem = mem
         if self.configured:
-            self._restart()
+            await self._reconfigure("memory table changed")
 
     async def set_features(self, features: int) -> None:
-        changed = features != self.guest_features
+        old = self.guest_features
         self.guest_features = features
-        if changed and self.configured:
-            self._restart()
+        if features == old:
+            return
+        if (features ^ old) & VHOST_F_LOG_ALL:
+            self.log.info("dirty_logging", on=bool(features & VHOST_F_LOG_ALL))
+        if self.configured:
+            # Must complete before SET_FEATURES is answered: from then on QEMU relies on the log.
+            await self._reconfigure("features changed")
 
     async def start_ring(self, ring: Vring) -> None:
         self.rings[ring.index] = ring
-        self._restart()
+        await self._reconfigure(f"vring {ring.index} started")
 
     async def stop_ring(self, ring: Vring) -> int:
         self.rings.pop(ring.index, None)
-        self._restart()
+        await self._reconfigure(f"vring {ring.index} stopped")
         return ring.base
 
     async def set_log(self, log_fd: int, size: int, offset: int) -> None:
-        # Dirty logging needs the shadow virtqueue; passthrough cannot see what the device writes.
-        os.close(log_fd)
-        self.log.warning("dirty_log_unsupported_in_passthrough")
+        """SET_LOG_BASE: map the front-end's dirty log; a new one replaces the old before the reply."""
+        try:
+            st = os.fstat(log_fd)
+            if not stat.S_ISREG(st.st_mode) or size == 0 or offset + size > st.st_size:
+                raise ValueError(f"log of {size} bytes at offset {offset} does not fit its fd ({st.st_size} bytes)")
+            mm = mmap.mmap(log_fd, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(log_fd)
+        anchor = ctypes.c_char.from_buffer(mm)
+        local = ctypes.addressof(anchor) + offset
+        del anchor
+        old = self.log_mm
+        self.log_mm, self.log_local, self.log_size = mm, local, size
+        if self.svq is not None:
+            self.svq.set_log(local, size)
+        if old is not None:
+            old.close()
+        self.log.info("dirty_log_mapped", size=size)
 
     async def ring_log_changed(self, ring: Vring) -> None:
-        return None
+        if self.shadow_active and self.svq is not None and ring.index in self.shadows:
+            self.svq.set_vq_log(ring.index, bool(ring.addr_flags & 1), ring.log_gpa)
 
     async def set_mac(self, mac: bytes, source: str) -> None:
+        self.mac, self.mac_source = mac, source
         self.log.info("mac_learned", mac=mac.hex(":"), source=source)
+        await self._program_mac()
 
     async def close(self) -> None:
         self.rings.clear()
         self._stop_device()
         self.session.reset()
+        if self.svq is not None:
+            self.svq.close()
+            self.svq = None
+        if self.log_mm is not None:
+            self.log_mm.close()
+            self.log_mm = None
 
-    # --- device programming --------------------------------------------------------------------------------
+    # --- operator / test hooks -----------------------------------------------------------------------------
+    async def force_mode(self, shadow: bool | None) -> None:
+        """Force SVQ on/off (None: back to the --svq policy). Applied at once when rings run."""
+        self.forced_shadow = shadow
+        if self.configured and self._want_shadow() != self.shadow_active:
+            await self._reconfigure("mode forced")
+
+    def stats(self) -> dict[int, dict[str, object]]:
+        out: dict[int, dict[str, object]] = {}
+        for idx in sorted(self.configured):
+            dev = self.dev.vq_stats(idx)
+            entry: dict[str, object] = {
+                "mode": "svq" if self.shadow_active else "passthrough",
+                "device_packets": dev.packets, "device_bytes": dev.bytes, "faults": dev.faults,
+            }  # fmt: skip
+            if self.shadow_active and self.svq is not None:
+                s = self.svq.stats(idx)
+                entry.update(
+                    packets=s.packets, bytes=s.bytes, kicks=s.guest_kicks, calls=s.guest_calls,
+                    dirty_pages=s.dirty_pages, svq_faults=s.faults, broken=s.broken,
+                )  # fmt: skip
+            out[idx] = entry
+        return out
+
+    # --- mode -------------------------------------------------------------------------------------------------
+    def _want_shadow(self) -> bool:
+        if self.forced_shadow is not None:
+            return self.forced_shadow
+        if self.mode_policy == "always":
+            return True
+        if self.mode_policy == "never":
+            return False
+        return bool(self.guest_features & VHOST_F_LOG_ALL)
+
+    # --- device programming ------------------------------------------------------------------------------------
     def _device_features(self) -> int:
         wanted = self.guest_features & ~(VHOST_F_LOG_ALL | VHOST_USER_F_PROTOCOL_FEATURES)
-        return (wanted & self.info.features) | (self.info.features & (NetF.ACCESS_PLATFORM | NetF.VERSION_1))
+        own = NetF.ACCESS_PLATFORM | NetF.VERSION_1 | PROXY_DEVICE_FEATURES
+        return (wanted | own) & self.info.features
+
+    def _alloc_iova(self, size: int) -> int:
+        """Top-down IOVA for the proxy's own memory (shadow rings, CVQ): above guest RAM, never overlapping it."""
+        size = (size + PAGE - 1) & ~(PAGE - 1)
+        iova = self._iova_next - size
+        guest_top = max((r.gpa + r.size for r in self.mem.regions), default=0) if self.mem else 0
+        if iova < max(guest_top, self.info.iova_first):
+            raise DeviceError("iova", "no IOVA space above guest memory for the proxy's rings")
+        self._iova_next = iova
+        return iova
 
     def _stop_device(self) -> None:
-        """Suspend (when possible), record each running ring's exact base, reset."""
+        """Stop the SVQ thread, suspend, record each running ring's exact base (draining the SVQ), reset."""
         if not self.configured:
             return
-        suspended = False
+        if self.svq is not None and self.shadow_active:
+            self.svq.stop()
         if self.info.backend_features & BackendF.SUSPEND:
             try:
                 self.dev.suspend()
-                suspended = True
             except DeviceError as exc:
                 self.log.warning("suspend_failed", error=str(exc))
         for idx, ring in sorted(self.configured.items()):
             try:
-                ring.base = self.dev.get_vring_base(idx)
+                dev_base = self.dev.get_vring_base(idx)
             except DeviceError as exc:
                 self.log.error("get_vring_base_failed", vq=idx, error=str(exc))
-        if not suspended:
-            self.log.debug("device_stopped_without_suspend")
+                continue
+            if self.shadow_active and self.svq is not None and idx in self.shadows:
+                try:
+                    ring.base = self.svq.drain(idx, dev_base)
+                except SvqError as exc:
+                    # A broken vq cannot be drained exactly; the guest will resync from its used index.
+                    self.log.error("svq_drain_failed", vq=idx, error=str(exc))
+            else:
+                ring.base = dev_base
         self.dev.set_status(0)
+        if self.cvq is not None:
+            self.cvq.close()
+            self.cvq = None
+        for sh in self.shadows.values():
+            os.close(sh.kick)
+            os.close(sh.call)
+        self.shadows.clear()
+        if self.area is not None:
+            self.area.close()
+            self.area = None
         self.configured = {}
-        self.mapped.clear()
+        self.shadow_active = False
 
-    def _restart(self) -> None:
+    async def _reconfigure(self, why: str) -> None:
+        t0 = time.perf_counter()
+        was_shadow = self.shadow_active if self.configured else None
         self._stop_device()
         if not self.rings or self.mem is None:
             return
+        shadow = self._want_shadow()
+        self._iova_next = min(self.info.iova_last, IOVA_CEILING) + 1
         dev = self.dev
         status = Status.ACKNOWLEDGE | Status.DRIVER
         dev.set_status(status)
-        dev.set_features(self._device_features())
+        features = self._device_features()
+        dev.set_features(features)
         status |= Status.FEATURES_OK
         dev.set_status(status)
         if not dev.get_status() & Status.FEATURES_OK:
-            raise DeviceError("set_status", f"device refused features {self._device_features():#x}")
+            raise DeviceError("set_status", f"device refused features {features:#x}")
         with dev.iotlb_batch():
             for region in self.mem.regions:
-                if not (
-                    self.info.iova_first <= region.gpa and region.gpa + region.size - 1 <= self.info.iova_last
-                ):
-                    raise DeviceError(
-                        "iotlb_update", f"guest range {region.gpa:#x}+{region.size:#x} outside IOVA range"
-                    )
+                end = region.gpa + region.size - 1
+                if not (self.info.iova_first <= region.gpa and end <= self.info.iova_last):
+                    raise DeviceError("iotlb_update", f"guest range {region.gpa:#x}-{end:#x} outside IOVA range")
                 dev.iotlb_update(region.gpa, region.size, region.local_addr, Perm.RW, 0)
-                self.mapped.append((region.gpa, region.size))
-        for idx, ring in sorted(self.rings.items()):
-            assert ring.desc_gpa is not None and ring.avail_gpa is not None and ring.used_gpa is not None
-            dev.set_vring_num(idx, ring.num)
-            dev.set_vring_addr(idx, ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
-            dev.set_vring_base(idx, ring.base)
-            dev.set_vring_kick(idx, ring.kick_fd)
-            dev.set_vring_call(idx, ring.call_fd)
-            dev.set_vring_enable(idx, True)
+            if shadow:
+                self._map_shadow_area()
+        if shadow:
+            self._configure_shadow_rings()
+        else:
+            for idx, ring in sorted(self.rings.items()):
+                assert ring.desc_gpa is not None and ring.avail_gpa is not None and ring.used_gpa is not None
+                dev.set_vring_num(idx, ring.num)
+                dev.set_vring_addr(idx, ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
+                dev.set_vring_base(idx, ring.base)
+                dev.set_vring_kick(idx, ring.kick_fd)
+                dev.set_vring_call(idx, ring.call_fd)
+                dev.set_vring_enable(idx, True)
+        if features & NetF.CTRL_VQ:
+            self._setup_cvq()
         dev.set_status(status | Status.DRIVER_OK)
         self.configured = dict(self.rings)
-        self.log.info("device_started", vqs=sorted(self.configured), features=hex(self._device_features()))
+        self.shadow_active = shadow
+        if shadow:
+            self._attach_guest_rings()
+        await self._after_driver_ok(features)
+        took = (time.perf_counter() - t0) * 1e6
+        if was_shadow is not None and was_shadow != shadow:
+            self.switches += 1
+            self.last_switch_us = took
+        self.log.info(
+            "device_started", vqs=sorted(self.configured), mode="svq" if shadow else "passthrough",
+            features=hex(features), why=why, took_us=round(took),
+        )  # fmt: skip
+
+    def _map_shadow_area(self) -> None:
+        layouts = {}
+        offset = 0
+        for idx, ring in sorted(self.rings.items()):
+            num = min(ring.num, self.info.ring_max)
+            layout = RingLayout.for_num(num, offset)
+            layouts[idx] = (num, layout)
+            offset += layout.size
+        self.area = _Area(max(offset, PAGE), "vduproxy-shadow")
+        self.area_iova = self._alloc_iova(self.area.size)
+        self.dev.iotlb_update(self.area_iova, self.area.size, self.area.local, Perm.RW, 0)
+        for idx, (num, layout) in layouts.items():
+            self.shadows[idx] = _Shadow(idx, num, layout, _eventfd(), _eventfd())
+
+    def _configure_shadow_rings(self) -> None:
+        assert self.area is not None
+        if self.svq is None:
+            self.svq = Svq(self.info.vqs)
+            if self.log_mm is not None:
+                self.svq.set_log(self.log_local, self.log_size)
+        dev = self.dev
+        features = self._device_features()
+        dev_flags = (DevFlags.EVENT_IDX if features & NetF.RING_EVENT_IDX else 0) | (
+            DevFlags.INDIRECT if features & NetF.RING_INDIRECT_DESC else 0
+        )
+        for idx, sh in sorted(self.shadows.items()):
+            ring = self.rings[idx]
+            lay = sh.layout
+            base_local = self.area.local
+            self.svq.attach_shadow(
+                idx, num=sh.num, desc=base_local + lay.desc_off, avail=base_local + lay.avail_off,
+                used=base_local + lay.used_off, base=ring.base, kick_fd=sh.kick, call_fd=sh.call, flags=dev_flags,
+            )  # fmt: skip
+            dev.set_vring_num(idx, sh.num)
+            dev.set_vring_addr(
+                idx, self.area_iova + lay.desc_off, self.area_iova + lay.avail_off, self.area_iova + lay.used_off
+            )
+            dev.set_vring_base(idx, ring.base)
+            dev.set_vring_kick(idx, sh.kick)
+            dev.set_vring_call(idx, sh.call)
+            dev.set_vring_enable(idx, True)
+
+    def _attach_guest_rings(self) -> None:
+        assert self.svq is not None and self.mem is not None
+        self.svq.set_regions([Region(r.gpa, r.size, r.local_addr, r.gpa) for r in self.mem.regions])
+        g = self.guest_features
+        common = (GuestFlags.EVENT_IDX if g & NetF.RING_EVENT_IDX else 0) | (
+            GuestFlags.INDIRECT if g & NetF.RING_INDIRECT_DESC else 0
+        ) | (GuestFlags.MRG_RXBUF if g & NetF.MRG_RXBUF else 0)
+        logging = bool(g & VHOST_F_LOG_ALL) and self.log_mm is not None
+        for idx, ring in sorted(self.rings.items()):
+            assert ring.desc_gpa is not None and ring.avail_gpa is not None and ring.used_gpa is not None
+            flags = common | (GuestFlags.RX if idx % 2 == 0 else 0)
+            log_used = 0
+            if logging and ring.addr_flags & 1:
+                flags |= GuestFlags.LOG
+                log_used = ring.log_gpa
+            self.svq.attach_guest(
+                idx, num=ring.num, desc=ring.desc_gpa, avail=ring.avail_gpa, used=ring.used_gpa,
+                last_avail=ring.base, kick_fd=ring.kick_fd, call_fd=ring.call_fd, flags=flags, log_used=log_used,
+            )  # fmt: skip
+        self.svq.start()
+
+    def _setup_cvq(self) -> None:
+        cvq_index = 2 * self.info.max_pairs if self.info.features & NetF.MQ else 2
+        if cvq_index >= self.info.vqs:
+            return
+        iova = self._alloc_iova(PAGE * 16)
+        self.cvq = CvqClient(self.dev, vq_index=cvq_index, iova=iova, data_vqs=cvq_index)
+        try:
+            self.cvq.setup()
+        except (CvqError, DeviceError) as exc:
+            self.log.warning("cvq_unavailable", error=str(exc))
+            self.cvq = None
+
+    async def _after_driver_ok(self, features: int) -> None:
+        if self.cvq is None:
+            return
+        pairs = len({idx // 2 for idx in self.rings if idx < 2 * self.info.max_pairs})
+        if features & NetF.MQ and pairs > 1:
+            try:
+                await self.cvq.mq_pairs_set(pairs)
+            except CvqError as exc:
+                self.log.error("mq_pairs_set_failed", pairs=pairs, error=str(exc))
+        await self._program_mac()
+
+    async def _program_mac(self) -> None:
+        if self.cvq is None or self.mac is None or not self.cvq.ready:
+            return
+        with contextlib.suppress(CvqError):
+            await self.cvq.mac_addr_set(self.mac)
+            self.log.info("mac_programmed", mac=self.mac.hex(":"), source=self.mac_source)
 
 
 class DataPlaneFactory:
     """Makes one back-end per front-end connection; owns the device across connections."""
 
-    def __init__(self, make: Callable[[int], NetBackend], close: Callable[[], None], desc: str) -> None:
+    def __init__(
+        self, make: Callable[[int], NetBackend], close: Callable[[], None], desc: str,
+        session: DeviceSession | None = None,
+    ) -> None:  # fmt: skip
         self._make = make
         self._close = close
         self.desc = desc
+        self.session = session
 
     def __call__(self, conn_id: int) -> NetBackend:
         return self._make(conn_id)
@@ -250,19 +526,20 @@ def open_dataplane_factory(
 ) -> tuple[DataPlaneFactory, str]:
     if device_spec == "none":
         pairs = queues or 1
-        return DataPlaneFactory(
-            lambda cid: NetBackend(cid, NullDataPlane(pairs)), lambda: None, "none"
-        ), "none"
+        return DataPlaneFactory(lambda cid: NetBackend(cid, NullDataPlane(pairs)), lambda: None, "none"), "none"
     from .vdpa.factory import open_device
 
     device = open_device(device_spec)
     try:
-        session = DeviceSession(device, queues=queues, mac=mac)
+        session = DeviceSession(device, queues=queues, mac=mac, svq=svq)
+        session.reset()
     except BaseException:
         device.close()
         raise
-    session.reset()
-    factory = DataPlaneFactory(
-        lambda cid: NetBackend(cid, PassthroughDataPlane(session, cid)), session.close, device.name
-    )
-    return factory, device.name
+
+    def make(cid: int) -> NetBackend:
+        backend = NetBackend(cid, DeviceDataPlane(session, cid))
+        session.backends[:] = [b for b in session.backends if not b.closed] + [backend]
+        return backend
+
+    return DataPlaneFactory(make, session.close, device.name, session), device.name

@@ -12,16 +12,26 @@ from vduproxy import server
 from vduproxy.dataplane import open_dataplane_factory
 
 
+_sessions: list[Any] = []
+
+
+def current_session() -> Any:
+    """The device session of the innermost running proxy (to reach its live data plane from a test)."""
+    return _sessions[-1]
+
+
 @asynccontextmanager
 async def running_proxy(path: str, device: str = "sim", **kw: Any) -> AsyncIterator[str]:
     """The proxy's real server and back-end, in this process (so tests can count its fds and read its logs)."""
     factory, _ = open_dataplane_factory(device, **kw)
+    _sessions.append(factory.session)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: server.serve_unix(path, factory, task_status=task_status))
             yield path
             nursery.cancel_scope.cancel()
     finally:
+        _sessions.pop()
         factory.close()
 
 

@@ -7,6 +7,7 @@ minutes on two cores; `python -m vduproxy.testing.kernelvm build` does it ahead 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -16,10 +17,14 @@ from vduproxy.testing.kernelvm.vm import QEMU
 
 
 @pytest.fixture(scope="session")
-def kernel_image() -> KernelImage:
+def kernel_image(request: pytest.FixtureRequest) -> KernelImage:
     if shutil.which(QEMU) is None:
         pytest.fail(f"{QEMU} not found (apt-get install qemu-system-x86)", pytrace=False)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    # A first build is ten quiet minutes under output capture: let its progress lines reach the terminal.
+    uncaptured = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
     try:
-        return ensure_kernel()
+        with uncaptured:
+            return ensure_kernel()
     except KernelBuildError as e:
         pytest.fail(f"cannot build the test kernel: {e}", pytrace=False)

@@ -112,7 +112,7 @@ def test_device_setup_failure_is_reported(kernel_image: KernelImage) -> None:
 @dataclass
 class SuiteResult:
     passed: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # test id -> the failure's one-line message
     skipped: dict[str, str] = field(default_factory=dict)  # test id -> reason
 
 
@@ -120,8 +120,11 @@ def parse_junit(path: Path) -> SuiteResult:
     result = SuiteResult()
     for case in ET.parse(path).getroot().iter("testcase"):
         test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if case.find("failure") is not None or case.find("error") is not None:
-            result.failed.append(test_id)
+        bad = case.find("failure")
+        if bad is None:
+            bad = case.find("error")
+        if bad is not None:
+            result.failed[test_id] = bad.get("message", "")
         elif (skip := case.find("skipped")) is not None:
             result.skipped[test_id] = skip.get("message", "")
         else:
@@ -129,9 +132,7 @@ def parse_junit(path: Path) -> SuiteResult:
     return result
 
 
-def test_device_suite_against_vdpa_sim_net(
-    kernel_image: KernelImage, tmp_path: Path, report: Reporter
-) -> None:
+def test_device_suite_against_vdpa_sim_net(kernel_image: KernelImage, tmp_path: Path, report: Reporter) -> None:
     """tests/device, parametrized over the kernel device only, inside the guest: it must pass, and the
     kernel-device cases must actually run (a suite that skipped everything would prove nothing)."""
     extra = shlex.split(os.environ.get("VDUPROXY_KERNEL_PYTEST_ARGS", ""))
@@ -163,5 +164,11 @@ def test_device_suite_against_vdpa_sim_net(
         f"{len(result.skipped)} skipped, {len(result.failed)} failed; "
         f"vdpa_sim_net on kernel {kernel_image.key}"
     )
-    assert rc == 0 and not result.failed, f"inner pytest rc {rc}, failed: {result.failed}\n{tail(output)}"
+    for test_id, message in result.failed.items():
+        report.line(f"kernel tier: FAILED {test_id}: {message}")
+    assert rc == 0 and not result.failed, (
+        f"inner pytest rc {rc}; failed:\n"
+        + "".join(f"  {t}: {m}\n" for t, m in result.failed.items())
+        + f"--- inner output (tail) ---\n{tail(output)}"
+    )
     assert on_device, f"no test ran against {KERNEL_DEVICE} (all skipped or deselected):\n{tail(output)}"

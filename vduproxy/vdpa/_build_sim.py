@@ -10,7 +10,7 @@ import os
 import pathlib
 import re
 
-from cffi import FFI  # type: ignore[import-untyped]
+from cffi import FFI
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _HEADER = _HERE / "sim_core.h"

@@ -222,6 +222,10 @@ class KernelVdpaDevice:
         self._fd = -1
         self._backend_features = 0
         self._batch_depth = 0
+        # Maps we made, per ASID. Linux 6.1 vhost-vdpa keeps its IOTLB across a device reset (the parent's
+        # translations go, vhost's record stays, so re-mapping the same IOVA fails); the VdpaDevice contract is
+        # that a reset drops maps unless IOTLB_PERSIST was acked, so this driver drops them itself.
+        self._maps: dict[int, set[tuple[int, int]]] = {}
         self._batch_asid: int | None = None  # ASID of the open BATCH_BEGIN, None when none was written
         self._iova_range: IovaRange | None = None
         self._config_size: int | None = None
@@ -229,9 +233,7 @@ class KernelVdpaDevice:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno_mod.EBUSY:
-                raise DeviceBusy(
-                    "open", f"{path}: device in use by another process", errno=exc.errno
-                ) from exc
+                raise DeviceBusy("open", f"{path}: device in use by another process", errno=exc.errno) from exc
             raise DeviceError("open", f"{path}: {os.strerror(exc.errno or 0)}", errno=exc.errno) from exc
         try:
             st = os.fstat(fd)
@@ -337,9 +339,7 @@ class KernelVdpaDevice:
     def set_backend_features(self, features: int) -> None:
         _check_u64(Ioctl.VHOST_SET_BACKEND_FEATURES.name, "features", features)
         if self._batch_depth:
-            raise DeviceError(
-                Ioctl.VHOST_SET_BACKEND_FEATURES.name, "inside an IOTLB batch", errno=errno_mod.EBUSY
-            )
+            raise DeviceError(Ioctl.VHOST_SET_BACKEND_FEATURES.name, "inside an IOTLB batch", errno=errno_mod.EBUSY)
         self._ioctl_in(Ioctl.VHOST_SET_BACKEND_FEATURES, _U64.pack(features))
         self._backend_features = features
         log.debug("kernel_vdpa_set_backend_features", device=self.name, features=str(BackendF(features)))
@@ -353,11 +353,25 @@ class KernelVdpaDevice:
 
     def set_status(self, status: int) -> None:
         if not 0 <= status <= 0xFF:
-            raise DeviceError(
-                Ioctl.VHOST_VDPA_SET_STATUS.name, f"status {status} is not a u8", errno=errno_mod.EINVAL
-            )
+            raise DeviceError(Ioctl.VHOST_VDPA_SET_STATUS.name, f"status {status} is not a u8", errno=errno_mod.EINVAL)
         self._ioctl_in(Ioctl.VHOST_VDPA_SET_STATUS, _U8.pack(status))
         log.debug("kernel_vdpa_set_status", device=self.name, status=hex(status))
+        if status == 0 and not self._backend_features & BackendF.IOTLB_PERSIST:
+            self._drop_maps()
+
+    def _drop_maps(self) -> None:
+        """After a reset: forget every map, as the device contract says (see _maps)."""
+        maps, self._maps = self._maps, {}
+        for asid, ranges in sorted(maps.items()):
+            with self.iotlb_batch():
+                for iova, size in sorted(ranges):
+                    try:
+                        self._before_map(asid)
+                        self._write_iotlb(IotlbType.INVALIDATE, iova=iova, size=size, asid=asid)
+                    except DeviceError as exc:
+                        log.warning(
+                            "kernel_vdpa_unmap_on_reset_failed", device=self.name, iova=hex(iova), error=str(exc)
+                        )
 
     def get_config_size(self) -> int:
         if self._config_size is None:
@@ -366,9 +380,7 @@ class KernelVdpaDevice:
 
     def _check_config_window(self, op: str, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or length > _MAX_CONFIG:
-            raise DeviceError(
-                op, f"bad config window offset={offset} length={length}", errno=errno_mod.EINVAL
-            )
+            raise DeviceError(op, f"bad config window offset={offset} length={length}", errno=errno_mod.EINVAL)
         size = self.get_config_size()
         if offset + length > size:
             raise DeviceError(
@@ -494,9 +506,7 @@ class KernelVdpaDevice:
         if asid and not self._backend_features & BackendF.IOTLB_ASID:
             raise DeviceError(op, f"ASID {asid} needs backend feature IOTLB_ASID", errno=errno_mod.EOPNOTSUPP)
         if asid and not v2:
-            raise DeviceError(
-                op, f"ASID {asid} needs backend feature IOTLB_MSG_V2", errno=errno_mod.EOPNOTSUPP
-            )
+            raise DeviceError(op, f"ASID {asid} needs backend feature IOTLB_MSG_V2", errno=errno_mod.EOPNOTSUPP)
         msg = pack_iotlb_msg(kind, iova=iova, size=size, uaddr=uaddr, perm=perm, asid=asid, v2=v2)
         try:
             written = self._write_msg(fd, msg)
@@ -534,6 +544,7 @@ class KernelVdpaDevice:
             )
         self._before_map(asid)
         self._write_iotlb(IotlbType.UPDATE, iova=iova, size=size, uaddr=uaddr, perm=int(perm), asid=asid)
+        self._maps.setdefault(asid, set()).add((iova, size))
         log.debug(
             "kernel_vdpa_iotlb_update",
             device=self.name,
@@ -553,6 +564,9 @@ class KernelVdpaDevice:
             raise DeviceError(op, "empty range", errno=errno_mod.EINVAL)
         self._before_map(asid)
         self._write_iotlb(IotlbType.INVALIDATE, iova=iova, size=size, asid=asid)
+        end = iova + size
+        kept = {(i, n) for i, n in self._maps.get(asid, set()) if i + n <= iova or i >= end}
+        self._maps[asid] = kept
         log.debug("kernel_vdpa_iotlb_invalidate", device=self.name, iova=hex(iova), size=hex(size), asid=asid)
 
     @contextmanager

@@ -96,9 +96,7 @@ def source_version() -> str:
             text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError) as e:
-        raise KernelBuildError(
-            f"{SOURCE_PACKAGE} is not installed (apt-get install {SOURCE_PACKAGE}): {e}"
-        ) from None
+        raise KernelBuildError(f"{SOURCE_PACKAGE} is not installed (apt-get install {SOURCE_PACKAGE}): {e}") from None
     if not out or not SOURCE_TARBALL.is_file():
         raise KernelBuildError(f"{SOURCE_PACKAGE} is not installed: {SOURCE_TARBALL} missing")
     return out
@@ -194,9 +192,7 @@ def _unpack_source(version: str) -> Path:
 
 def _make(src: Path, out: Path, target: str, logf: Path) -> None:
     with logf.open("ab") as f:
-        proc = subprocess.run(
-            ["make", "-C", str(src), f"O={out}", target], stdout=f, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.run(["make", "-C", str(src), f"O={out}", target], stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise KernelBuildError(f"make {target} failed (rc {proc.returncode}); see {logf}")
 
@@ -224,9 +220,7 @@ def _configure(src: Path, out: Path, symbols: dict[str, str], logf: Path) -> Non
         if got != value:
             wrong.append(f"{sym}={value} (got {got})")
     if wrong:
-        raise KernelBuildError(
-            "config fragment symbols did not take (a missing dependency?): " + ", ".join(wrong)
-        )
+        raise KernelBuildError("config fragment symbols did not take (a missing dependency?): " + ", ".join(wrong))
 
 
 def _read_config(path: Path) -> dict[str, str]:

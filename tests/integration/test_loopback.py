@@ -37,12 +37,13 @@ async def exchange(driver: VirtioNetDriver, sizes: list[int], pair: int = 0, fir
     assert report.ok, report
 
 
+@pytest.mark.parametrize("svq", ["never", "always"])
 @pytest.mark.parametrize("profile", ["rich", "basic"])
 async def test_qemu72_sequence_loopback_byte_exact(
-    proxy_at: Callable[..., Any], sock_path: str, profile: str
+    proxy_at: Callable[..., Any], sock_path: str, profile: str, svq: str
 ) -> None:
     rng = random.Random(7)
-    async with proxy_at(f"sim:profile={profile}"):
+    async with proxy_at(f"sim:profile={profile}", svq=svq):
         with GuestMemory(64 << 20, regions=2) as mem:
             fe = await VhostUserFrontend.connect(sock_path)
             async with fe:

@@ -1,0 +1,140 @@
+"""Issue 4's data-path proof: the project's front-end → vduproxy → sim loopback, in both modes.
+
+100 000 frames of 60–9000 bytes per variant, byte-exact, no loss, no duplicate, ring indices wrapping many
+times; with and without mergeable RX buffers, with indirect descriptors and event idx, with 1 and 2 queue
+pairs; and across 20 forced passthrough ⇄ SVQ switches while traffic flows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+from vduproxy.testing.frontend import VhostUserFrontend
+from vduproxy.testing.guest import GuestMemory, VirtioNetDriver, check_frames, make_frame
+from vduproxy.virtio import NetF
+
+pytestmark = pytest.mark.integration
+
+FRAMES = 100_000
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    features: int
+    pairs: int = 1
+    tx_layout: str = "chained"
+    rx_buf: int = 2048
+    rx_layout: str = "single"
+
+
+BASE = NetF.VERSION_1 | NetF.MTU
+VARIANTS = [
+    Variant("mrg+indirect+eventidx", BASE | NetF.MRG_RXBUF | NetF.RING_INDIRECT_DESC | NetF.RING_EVENT_IDX,
+            tx_layout="indirect"),
+    Variant("no-mrg+chained", BASE | NetF.RING_EVENT_IDX, rx_buf=9216, rx_layout="chained"),
+    Variant("mrg+2pairs", BASE | NetF.MRG_RXBUF | NetF.RING_EVENT_IDX | NetF.MQ, pairs=2),
+]  # fmt: skip
+
+
+class Pump:
+    """Keeps every pair's TX full and its RX drained until all frames are back."""
+
+    def __init__(self, driver: VirtioNetDriver, count: int, seed: int) -> None:
+        rng = random.Random(seed)
+        self.driver = driver
+        self.sizes = [rng.choice((60, 64, 128, 576, 1514, 4000, 9000, rng.randint(60, 9000))) for _ in range(count)]
+        self.next = 0
+        self.received: list[bytes] = []
+
+    async def run(self, timeout: float = 600) -> None:
+        d = self.driver
+        with trio.fail_after(timeout):
+            while len(self.received) < len(self.sizes):
+                progressed = False
+                for pair in range(d.pairs):
+                    d.post_rx_buffers(pair)
+                    batch = [make_frame(self.sizes[i], i) for i in range(self.next, min(self.next + 32, len(self.sizes)))]
+                    if batch:
+                        n = d.send(batch, pair)
+                        self.next += n
+                        progressed |= n > 0
+                    d.reclaim_tx(pair)
+                    got = d.receive(pair)
+                    self.received += got
+                    progressed |= bool(got)
+                if not progressed:
+                    with trio.move_on_after(0.01):
+                        await d.wait_call(d.rx(0).index)
+                await trio.lowlevel.checkpoint()
+
+    def check(self) -> None:
+        report = check_frames(range(len(self.sizes)), self.received)
+        assert report.ok, report
+
+
+async def start(sock_path: str, mem: GuestMemory, v: Variant) -> tuple[VhostUserFrontend, VirtioNetDriver]:
+    fe = await VhostUserFrontend.connect(sock_path)
+    await fe.qemu72_connect(pairs=v.pairs)
+    driver = VirtioNetDriver(
+        mem, pairs=v.pairs, queue_size=256, features=v.features, rx_buf_size=v.rx_buf,
+        rx_layout=v.rx_layout, tx_buf_size=9216, tx_layout=v.tx_layout,  # type: ignore[arg-type]
+    )  # fmt: skip
+    await fe.qemu72_start(driver)
+    return fe, driver
+
+
+@pytest.mark.parametrize("svq", ["never", "always"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+async def test_100k_mixed_frames_byte_exact(
+    proxy_at: Callable[..., Any], sock_path: str, variant: Variant, svq: str
+) -> None:
+    async with proxy_at("sim:profile=rich", svq=svq):
+        with GuestMemory(256 << 20, regions=2) as mem:
+            fe, driver = await start(sock_path, mem, variant)
+            async with fe:
+                # the negotiated features are the variant's, or the test would not test what it says
+                assert driver.features & variant.features == variant.features
+                pump = Pump(driver, FRAMES, seed=len(variant.name))
+                await pump.run()
+                pump.check()
+                bases = await fe.qemu72_stop(driver)
+                for vq in driver.vqs:  # exact bases: indices wrapped the 256-entry ring hundreds of times
+                    assert bases[vq.index] == vq.used_idx
+                if variant.pairs == 2:
+                    assert all(driver.tx(p).used_idx > 0 for p in range(2)), "both pairs carried traffic"
+
+
+async def test_20_forced_mode_switches_under_traffic(proxy_at: Callable[..., Any], sock_path: str) -> None:
+    variant = VARIANTS[0]
+    async with proxy_at("sim:profile=rich", svq="auto") as _:
+        from vduproxy.testing.frontend import VhostUserFrontend  # noqa: F401  (kept local: clarity)
+
+        with GuestMemory(256 << 20, regions=2) as mem:
+            fe, driver = await start(sock_path, mem, variant)
+            async with fe:
+                pump = Pump(driver, 30_000, seed=3)
+                modes: list[str] = []
+
+                async def switcher(dp: Any) -> None:
+                    for i in range(20):
+                        await trio.sleep(0.03)
+                        await dp.force_mode(i % 2 == 0)
+                        modes.append("svq" if dp.shadow_active else "passthrough")
+
+                from conftest import current_session  # type: ignore[import-not-found]
+
+                dp = current_session().backends[-1].dp
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(switcher, dp)
+                    await pump.run()
+                assert len(modes) == 20 and modes[:2] == ["svq", "passthrough"], modes
+                assert dp.switches == 20
+                assert pump.next == len(pump.sizes)
+                pump.check()
