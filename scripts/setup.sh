@@ -10,6 +10,7 @@ APT_PACKAGES=(
   dpdk-dev                                              # tier 3: dpdk-testpmd (virtio-user front-end, vhost peer)
   iproute2 kmod procps psmisc xz-utils cpio             # network namespaces, module resolution, teardown
   linux-source-6.1 bc bison flex libelf-dev libssl-dev  # tier 4: a small kernel with vdpa_sim_net (cached build)
+  clang libclang-rt-14-dev                              # libFuzzer + sanitizers for the C-core fuzz runs
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

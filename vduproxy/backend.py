@@ -13,14 +13,29 @@ Orders real front-ends use and that must all work (DESIGN.md §3, test-bed repor
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from typing import Any, Protocol
+
+import trio
 
 from . import virtio
 from .log import get_logger
 from .memory import MemoryMap, RegionSpec
 from .vhost_user.connection import ProtocolError, Request
-from .vhost_user.wire import LogArea, MemoryTable, ProtocolF, Rarp, VringAddr, VringFile, VringState
+from .vhost_user.wire import (
+    DEVICE_STATE_NOFD,
+    DeviceStateTransfer,
+    LogArea,
+    MemoryTable,
+    ProtocolF,
+    Rarp,
+    TransferDirection,
+    TransferPhase,
+    VringAddr,
+    VringFile,
+    VringState,
+)
 from .virtio import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, NetF
 
 log = get_logger(__name__)
@@ -59,9 +74,13 @@ NEVER_OFFERED = (
 )
 # No STATUS: QEMU 7.2 sends SET_STATUS(0) before GET_VRING_BASE.
 # No BACKEND_REQ/CONFIG/INFLIGHT/POSTCOPY: nothing here uses them.
+# DEVICE_STATE (QEMU >= 8.2) carries the migration blob in band; QEMU 7.2 ignores it (the blob then travels out of
+# band through the control socket or a file).
 OFFERED_PROTOCOL = (
     ProtocolF.MQ | ProtocolF.LOG_SHMFD | ProtocolF.RARP | ProtocolF.REPLY_ACK | ProtocolF.NET_MTU
-)
+    | ProtocolF.DEVICE_STATE
+)  # fmt: skip
+MAX_STATE_BLOB = 1 << 20  # a peer-controlled size: capped
 
 
 class RingError(Exception):
@@ -119,6 +138,18 @@ class Vring:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class FrontendSnapshot:
+    """What the front-end negotiated and where its rings are: the vhost-user half of the migration state."""
+
+    guest_features: int
+    protocol_features: int
+    max_pairs: int
+    rings: tuple[Vring, ...]
+    mtu: int | None
+    rarp_mac: bytes | None
+
+
 class DataPlane(Protocol):
     """What the back-end asks of the layer that moves packets (device passthrough, SVQ, or nothing)."""
 
@@ -143,7 +174,19 @@ class DataPlane(Protocol):
     async def set_log(self, log_fd: int, size: int, offset: int) -> None: ...
     async def ring_log_changed(self, ring: Vring) -> None: ...
     async def set_mac(self, mac: bytes, source: str) -> None: ...
+    def save_state(self, frontend: FrontendSnapshot) -> bytes:
+        """The device-state blob (vduproxy.migration.state) of a stopped device."""
+        ...
+
+    def load_state(self, blob: bytes) -> None:
+        """Accept a blob to restore into the device before its data queues start (raises on a bad one)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+class StateTransferError(Exception):
+    pass
 
 
 class NullDataPlane:
@@ -188,6 +231,12 @@ class NullDataPlane:
     async def set_mac(self, mac: bytes, source: str) -> None:
         return None
 
+    def save_state(self, frontend: FrontendSnapshot) -> bytes:
+        raise StateTransferError("no device: nothing to save")
+
+    def load_state(self, blob: bytes) -> None:
+        raise StateTransferError("no device: nothing to restore into")
+
     async def close(self) -> None:
         return None
 
@@ -217,6 +266,27 @@ class NetBackend:
         self.mtu: int | None = None
         self.rarp_mac: bytes | None = None
         self.closed = False
+        self.touched_pairs = 0
+        self._nursery: trio.Nursery | None = None
+        self._transfer: trio.Event | None = None  # set when the device-state pipe transfer finished
+        self._transfer_error: str | None = None
+
+    def bind_nursery(self, nursery: trio.Nursery) -> None:
+        """Where background work of this connection runs (the device-state pipe transfer, the data plane's)."""
+        self._nursery = nursery
+        bind = getattr(self.dp, "bind_nursery", None)
+        if bind is not None:
+            bind(nursery)
+
+    def snapshot(self) -> FrontendSnapshot:
+        return FrontendSnapshot(
+            guest_features=self.acked or 0,
+            protocol_features=self.protocol_acked,
+            max_pairs=max(self.touched_pairs, 1),
+            rings=tuple(dataclasses.replace(r, kick_fd=-1, call_fd=-1, err_fd=-1) for r in self.rings),
+            mtu=self.mtu,
+            rarp_mac=self.rarp_mac,
+        )
 
     # --- server-facing -------------------------------------------------------------------------------------
     def offered_protocol_features(self) -> int:
@@ -255,6 +325,9 @@ class NetBackend:
     def _ring(self, req: Request, index: int) -> Vring:
         if not 0 <= index < len(self.rings):
             raise ProtocolError(req.req.name, f"vring index {index} out of range (0..{len(self.rings) - 1})")
+        # The pairs a front-end really has (QEMU's queues=N) show in the rings it touches; GET_QUEUE_NUM only
+        # says how many it may have. The migration state records the former.
+        self.touched_pairs = max(self.touched_pairs, index // 2 + 1)
         return self.rings[index]
 
     def _protocol_features_on(self) -> bool:
@@ -394,14 +467,15 @@ class NetBackend:
     async def _on_set_vring_num(self, req: Request) -> Reply:
         body = req.body_as(VringState)
         ring = self._ring(req, body.index)
+        if ring.started:
+            # checked first: a running ring must not be left with a size the device does not have
+            raise RingError(f"vring {ring.index}: SET_VRING_NUM while the ring runs")
         num = body.num
         maxn = self.dp.max_ring_size()
         if not virtio.is_pow2(num) or num > maxn:
             ring.num = 0
             ring.broken = f"ring size {num} is not a power of two <= {maxn}"
             raise RingError(ring.broken)
-        if ring.started:
-            raise RingError(f"vring {ring.index}: SET_VRING_NUM while the ring runs")
         ring.num = num
         ring.broken = None
         return Reply()
@@ -513,8 +587,91 @@ class NetBackend:
     async def _on_set_log_base(self, req: Request) -> Reply:
         body = req.body_as(LogArea)
         fd = req.fds.take(0)
-        await self.dp.set_log(fd, body.mmap_size, body.mmap_offset)
+        try:
+            await self.dp.set_log(fd, body.mmap_size, body.mmap_offset)  # owns (and closes) fd on every path
+        except (ValueError, OSError) as exc:
+            # the previous log (if any) stays in use; QEMU sees the failure in the reply
+            self.log.error("dirty_log_rejected", size=body.mmap_size, offset=body.mmap_offset, error=str(exc))
+            return Reply(error=1)
         return Reply()
+
+    async def _on_set_device_state_fd(self, req: Request) -> Reply:
+        body = req.body_as(DeviceStateTransfer)
+        fd = req.fds.take(0)
+        if body.phase != TransferPhase.STOPPED or any(r.started for r in self.rings):
+            os.close(fd)
+            self.log.error("device_state_refused", reason="rings still running or unknown phase", phase=body.phase)
+            return Reply(error=1)
+        if self._nursery is None:
+            os.close(fd)
+            return Reply(error=1)
+        os.set_blocking(fd, False)
+        self._transfer, self._transfer_error = trio.Event(), None
+        if body.direction == TransferDirection.SAVE:
+            try:
+                blob = self.dp.save_state(self.snapshot())
+            except Exception as exc:
+                os.close(fd)
+                self._transfer_error = str(exc)
+                self._transfer.set()
+                self.log.error("device_state_save_failed", error=str(exc))
+                return Reply(error=1)
+            self._nursery.start_soon(self._write_state, fd, blob, self._transfer)
+        else:
+            self._nursery.start_soon(self._read_state, fd, self._transfer)
+        return Reply(DEVICE_STATE_NOFD)
+
+    async def _write_state(self, fd: int, blob: bytes, done: trio.Event) -> None:
+        view = memoryview(blob)
+        try:
+            while view:
+                try:
+                    n = os.write(fd, view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+                    continue
+                view = view[n:]
+            self.log.info("device_state_saved", bytes=len(blob), transport="vhost-user")
+        except OSError as exc:
+            self._transfer_error = f"writing the state pipe: {exc}"
+        finally:
+            os.close(fd)
+            done.set()
+
+    async def _read_state(self, fd: int, done: trio.Event) -> None:
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > MAX_STATE_BLOB:
+                    raise StateTransferError(f"device state larger than {MAX_STATE_BLOB} bytes")
+                chunks.append(chunk)
+            self.dp.load_state(b"".join(chunks))
+            self.log.info("device_state_loaded", bytes=total, transport="vhost-user")
+        except Exception as exc:  # a bad blob is reported through CHECK_DEVICE_STATE
+            self._transfer_error = str(exc)
+            self.log.error("device_state_load_failed", error=str(exc))
+        finally:
+            os.close(fd)
+            done.set()
+
+    async def _on_check_device_state(self, req: Request) -> Reply:
+        if self._transfer is None:
+            return Reply(errno.EINVAL)
+        with trio.move_on_after(30):
+            await self._transfer.wait()
+        if not self._transfer.is_set():
+            return Reply(errno.ETIMEDOUT)
+        self._transfer = None
+        return Reply(1 if self._transfer_error else 0)
 
     async def _on_set_log_fd(self, req: Request) -> Reply:
         os.close(req.fds.take(0))

@@ -20,17 +20,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import mmap
 import os
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from .backend import NetBackend, NullDataPlane, Vring
+import trio
+
+from .backend import FrontendSnapshot, NetBackend, NullDataPlane, StateTransferError, Vring
 from .log import get_logger
 from .memory import MemoryMap
-from .svq import DevFlags, GuestFlags, Region, Svq, SvqError
+from .migration.compat import Severity, check_compat, device_summary
+from .migration.restore import RestoreError, apply_restore, cvq_caps, plan_restore
+from .migration.state import RX_MODE_DEFAULT, DeviceState, MacSource, StateError
+from .migration.state import VringState as SavedVring
+from .svq import INJECT_SLOT, NET_HDR_LEN_DEVICE, DevFlags, GuestFlags, Region, Svq, SvqError
 from .vdpa.cvq import CvqClient, CvqError
 from .vdpa.device import BackendF, DeviceError, Perm, VdpaDevice
 from .virtio import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, NetF, Status
@@ -40,7 +47,15 @@ log = get_logger(__name__)
 
 WANTED_BACKEND = (
     BackendF.IOTLB_MSG_V2 | BackendF.IOTLB_BATCH | BackendF.IOTLB_ASID | BackendF.SUSPEND | BackendF.RESUME
-)
+    | BackendF.ENABLE_AFTER_DRIVER_OK
+)  # fmt: skip
+# What the SVQ can give a guest whatever the device does (so a guest can move to a device from another vendor):
+# indirect tables are flattened, num_buffers is written, event idx is handled per side, and guest receive
+# offloads only allow the device to send something it never has to.
+SVQ_BRIDGED = NetF.MRG_RXBUF | NetF.RING_INDIRECT_DESC | NetF.RING_EVENT_IDX  # need the SVQ when the device lacks them
+GUEST_RX_OFFLOADS = NetF.GUEST_CSUM | NetF.GUEST_TSO4 | NetF.GUEST_TSO6 | NetF.GUEST_ECN | NetF.GUEST_UFO
+BRIDGEABLE = SVQ_BRIDGED | GUEST_RX_OFFLOADS  # the offloads need nothing: the device just never uses them
+MAC_SOURCES = {"--mac": MacSource.CLI, "send_rarp": MacSource.RARP, "tx": MacSource.TX, "state": MacSource.STATE}
 # Features the proxy keeps for itself on the device side: it owns the device's control queue.
 PROXY_DEVICE_FEATURES = NetF.CTRL_VQ | NetF.CTRL_MAC_ADDR | NetF.MQ
 # Never passed to the guest: the guest's CVQ is emulated by QEMU for vhost-user (DESIGN.md §3).
@@ -103,6 +118,8 @@ class DeviceSession:
             iova_last=rng.last,
         )
         self.backends: list[NetBackend] = []  # live connections (one at a time per socket)
+        self.pending_state: DeviceState | None = None  # to restore before the data queues next start
+        self.net_state: DeviceState | None = None  # the last restored state: its net settings carry on
         log.info(
             "device_probed", device=device.name, features=hex(features), backend_features=hex(backend),
             mac=dev_mac.hex(":"), max_pairs=self.info.max_pairs, ring_max=self.info.ring_max, vqs=self.info.vqs,
@@ -111,6 +128,55 @@ class DeviceSession:
 
     def reset(self) -> None:
         self.device.set_status(0)
+
+    # --- what the control socket and CLI verbs call ---------------------------------------------------------
+    def active(self) -> DeviceDataPlane | None:
+        """The data plane of the attached front-end, if any."""
+        for backend in reversed(self.backends):
+            if not backend.closed and isinstance(backend.dp, DeviceDataPlane):
+                return backend.dp
+        return None
+
+    def stats(self) -> dict[str, object]:
+        """Per-queue counters and the mode; the device's own counters when no front-end is attached."""
+        dp = self.active()
+        queues: dict[int, dict[str, object]] = dp.stats() if dp is not None else {}
+        return {
+            "device": self.info.name,
+            "attached": dp is not None,
+            "mode": None if dp is None or not dp.configured else ("svq" if dp.shadow_active else "passthrough"),
+            "svq_policy": self.svq_mode,
+            "switches": 0 if dp is None else dp.switches,
+            "queues": queues,
+        }
+
+    def save_state(self) -> bytes:
+        """The device-state blob of the latest front-end (its rings stopped by GET_VRING_BASE)."""
+        if not self.backends:
+            raise StateError("no front-end has attached: there is no state to save")
+        backend = self.backends[-1]
+        if any(r.started for r in backend.rings):
+            raise StateError("the rings are still running: save after the front-end stopped them (GET_VRING_BASE)")
+        return backend.dp.save_state(backend.snapshot())
+
+    def load_state(self, blob: bytes) -> DeviceState:
+        """Accept a blob for the next start; refuse it now if this device cannot honour it."""
+        state = DeviceState.from_bytes(blob)
+        errors = [p for p in check_compat(state, device_summary(self.device)) if p.severity == Severity.ERROR]
+        if errors:
+            raise StateError(
+                "this device cannot honour the saved state: " + "; ".join(f"{p.what}: {p.why}" for p in errors)
+            )
+        self.pending_state = state
+        log.info("device_state_accepted", device=self.info.name, mac=state.mac.hex(":"), pairs=state.pairs)
+        return state
+
+    async def force_mode(self, shadow: bool | None) -> str:
+        dp = self.active()
+        if dp is None:
+            raise DeviceError("mode", "no front-end attached")
+        await dp.force_mode(shadow)
+        return "svq" if dp.shadow_active else "passthrough"
 
     def close(self) -> None:
         try:
@@ -154,6 +220,12 @@ def _eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
+def rarp_frame(mac: bytes) -> bytes:
+    """The reverse-ARP request QEMU itself sends to announce a migrated NIC (net/announce.c), padded to 60."""
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return (b"\xff" * 6 + mac + b"\x80\x35" + arp).ljust(60, b"\0")
+
+
 class DeviceDataPlane:
     """Drives the session's device for one front-end connection, in passthrough or shadow mode."""
 
@@ -181,13 +253,26 @@ class DeviceDataPlane:
         self.log_size = 0
         self.switches = 0
         self.last_switch_us = 0.0
+        self.pending_rarp: bytes | None = None
+        self._nursery: trio.Nursery | None = None
+        # Every change of the device's configuration, and every use of it from a background task (RARP
+        # injection, MAC programming), runs under this lock: they await in the middle (CVQ acks), and a frame
+        # injected while the rings are being torn down would be in flight during the drain.
+        self._lock = trio.Lock()
+        self.transient_shadow = False
+        self.inject_off = 0
         self._iova_next = 0
 
     # --- DataPlane -----------------------------------------------------------------------------------------
     def device_features(self) -> int:
-        # In passthrough the device reads the guest's rings as they are, so the guest may only use what the
-        # device does; the control-queue features stay with the proxy.
-        return self.info.features & ~GUEST_HIDDEN
+        # The control-queue features stay with the proxy. With the SVQ allowed, what it can bridge is offered
+        # too: a guest must be able to land on a device from another vendor after a migration.
+        own = self.info.features & ~GUEST_HIDDEN
+        return own | (BRIDGEABLE if self.mode_policy != "never" else 0)
+
+    def _needs_bridge(self) -> int:
+        """Guest features the device lacks: only the SVQ can carry them."""
+        return self.guest_features & SVQ_BRIDGED & ~self.info.features
 
     def supports_dirty_log(self) -> bool:
         return self.mode_policy != "never"
@@ -251,9 +336,118 @@ class DeviceDataPlane:
             self.svq.set_vq_log(ring.index, bool(ring.addr_flags & 1), ring.log_gpa)
 
     async def set_mac(self, mac: bytes, source: str) -> None:
-        self.mac, self.mac_source = mac, source
-        self.log.info("mac_learned", mac=mac.hex(":"), source=source)
-        await self._program_mac()
+        if self.mac_source == "--mac" and mac != self.mac:
+            self.log.warning("mac_ignored", mac=mac.hex(":"), source=source, kept=self.mac.hex(":") if self.mac else "")
+        else:
+            self.mac, self.mac_source = mac, source
+            self.log.info("mac_learned", mac=mac.hex(":"), source=source)
+            async with self._locked():
+                await self._program_mac()
+        if source == "send_rarp":
+            # QEMU asks the back-end to announce the guest at its new place (it arrives before the rings exist
+            # on a destination: kept until TX is up)
+            self.pending_rarp = mac
+            self._nursery_soon(self._send_pending_rarp)
+
+    def bind_nursery(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        nursery.start_soon(self._watch_learned_mac)
+
+    def _nursery_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
+    async def _watch_learned_mac(self) -> None:
+        """In SVQ mode the C core samples the source MAC of the guest's frames; the first one seen (when no
+        other source gave a MAC) programs the device filter."""
+        while True:
+            await trio.sleep(0.25)
+            if self.mac is not None or not self.shadow_active or self.svq is None:
+                continue
+            for idx in sorted(self.configured):
+                if idx % 2 == 1 and idx in self.shadows:
+                    try:
+                        learned = self.svq.learned_mac(idx)
+                    except SvqError:
+                        continue
+                    if learned is not None:
+                        await self.set_mac(learned, "tx")
+                        break
+
+    async def _send_pending_rarp(self) -> None:
+        async with self._locked():
+            await self._send_pending_rarp_locked()
+
+    async def _send_pending_rarp_locked(self) -> None:
+        mac = self.pending_rarp
+        tx = sorted(i for i in self.configured if i % 2 == 1)
+        if mac is None or not tx:
+            return
+        transient = not self.shadow_active
+        if transient:
+            # only the SVQ can put a frame of the proxy's own on the device's TX ring
+            self.transient_shadow = True
+            await self._reconfigure("rarp injection")
+        try:
+            assert self.svq is not None
+            for attempt in range(50):
+                try:
+                    self.svq.inject_tx(tx[0], rarp_frame(mac), hdr_len=NET_HDR_LEN_DEVICE)
+                    break
+                except SvqError as exc:
+                    if exc.errno != errno.EAGAIN or attempt == 49:
+                        raise
+                    await trio.sleep(0.002)
+            self.pending_rarp = None
+            self.log.info("rarp_sent", mac=mac.hex(":"), vq=tx[0])
+        except SvqError as exc:
+            self.log.error("rarp_failed", mac=mac.hex(":"), error=str(exc))
+        finally:
+            if transient:
+                await trio.sleep(0.01)  # let the device send it before the rings move back
+                self.transient_shadow = False
+                await self._reconfigure("rarp injected")
+
+    def save_state(self, frontend: FrontendSnapshot) -> bytes:
+        carried = self.session.net_state
+        rings = [r for r in frontend.rings if r.num]
+        pairs = len({r.index // 2 for r in rings}) or 1
+        vrings = []
+        for r in rings:
+            used = r.base
+            if self.mem is not None and r.used_gpa is not None:
+                used = int.from_bytes(self.mem.read(r.used_gpa + 2, 2), "little")
+            vrings.append(SavedVring(index=r.index, num=r.num, base=r.base, used_idx=used, enabled=r.enabled))
+        config_mac = self.info.mac or bytes(6)
+        state = DeviceState(
+            guest_features=frontend.guest_features,
+            protocol_features=frontend.protocol_features,
+            pairs=pairs,
+            max_pairs=frontend.max_pairs,
+            vrings=tuple(vrings),
+            mtu=frontend.mtu,
+            mac=self.mac or config_mac,
+            config_mac=config_mac,
+            learned_mac=self.mac,
+            learned_from=MAC_SOURCES.get(self.mac_source, MacSource.NONE) if self.mac else MacSource.NONE,
+            rx_mode=carried.rx_mode if carried else RX_MODE_DEFAULT,
+            uc_macs=carried.uc_macs if carried else (),
+            mc_macs=carried.mc_macs if carried else (),
+            uc_overflow=carried.uc_overflow if carried else False,
+            mc_overflow=carried.mc_overflow if carried else False,
+            vlans=carried.vlans if carried else frozenset(),
+            guest_offloads=carried.guest_offloads if carried else 0,
+            source=device_summary(self.dev),
+        )
+        blob = state.to_bytes()
+        self.log.info("device_state_saved", bytes=len(blob), mac=state.mac.hex(":"), vrings=len(vrings))
+        return blob
+
+    def load_state(self, blob: bytes) -> None:
+        try:
+            self.session.load_state(blob)
+        except StateError as exc:
+            raise StateTransferError(str(exc)) from exc
 
     async def close(self) -> None:
         self.rings.clear()
@@ -292,6 +486,12 @@ class DeviceDataPlane:
 
     # --- mode -------------------------------------------------------------------------------------------------
     def _want_shadow(self) -> bool:
+        if self.transient_shadow:
+            return True
+        if self._needs_bridge():
+            if self.forced_shadow is False:
+                self.log.warning("passthrough_impossible", bridged=hex(self._needs_bridge()))
+            return True
         if self.forced_shadow is not None:
             return self.forced_shadow
         if self.mode_policy == "always":
@@ -342,6 +542,9 @@ class DeviceDataPlane:
             else:
                 ring.base = dev_base
         self.dev.set_status(0)
+        if self.svq is not None:
+            with contextlib.suppress(SvqError):
+                self.svq.set_inject_area(0, 0, 0)
         if self.cvq is not None:
             self.cvq.close()
             self.cvq = None
@@ -355,7 +558,20 @@ class DeviceDataPlane:
         self.configured = {}
         self.shadow_active = False
 
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The data-plane lock, re-entered freely by the task that holds it (a reconfigure that injects)."""
+        if self._lock.statistics().owner is trio.lowlevel.current_task():
+            yield
+            return
+        async with self._lock:
+            yield
+
     async def _reconfigure(self, why: str) -> None:
+        async with self._locked():
+            await self._reconfigure_locked(why)
+
+    async def _reconfigure_locked(self, why: str) -> None:
         t0 = time.perf_counter()
         was_shadow = self.shadow_active if self.configured else None
         self._stop_device()
@@ -380,8 +596,14 @@ class DeviceDataPlane:
                 dev.iotlb_update(region.gpa, region.size, region.local_addr, Perm.RW, 0)
             if shadow:
                 self._map_shadow_area()
+        pending = self.session.pending_state
+        # A restored state goes into the device through its CVQ before any data queue runs: with
+        # ENABLE_AFTER_DRIVER_OK the data queues are enabled only after the replay; without it they are enabled
+        # before DRIVER_OK (vhost-vdpa cannot enable later) but in SVQ mode stay empty until the replay is done,
+        # and in passthrough the device may see guest frames during the (sub-millisecond) replay.
+        defer_enable = pending is not None and bool(self.info.backend_features & BackendF.ENABLE_AFTER_DRIVER_OK)
         if shadow:
-            self._configure_shadow_rings()
+            self._configure_shadow_rings(enable=not defer_enable)
         else:
             for idx, ring in sorted(self.rings.items()):
                 assert ring.desc_gpa is not None and ring.avail_gpa is not None and ring.used_gpa is not None
@@ -390,12 +612,17 @@ class DeviceDataPlane:
                 dev.set_vring_base(idx, ring.base)
                 dev.set_vring_kick(idx, ring.kick_fd)
                 dev.set_vring_call(idx, ring.call_fd)
-                dev.set_vring_enable(idx, True)
+                dev.set_vring_enable(idx, not defer_enable)
         if features & NetF.CTRL_VQ:
             self._setup_cvq()
         dev.set_status(status | Status.DRIVER_OK)
         self.configured = dict(self.rings)
         self.shadow_active = shadow
+        if pending is not None:
+            await self._restore(pending, features)
+            if defer_enable:
+                for idx in sorted(self.rings):
+                    dev.set_vring_enable(idx, True)
         if shadow:
             self._attach_guest_rings()
         await self._after_driver_ok(features)
@@ -416,13 +643,32 @@ class DeviceDataPlane:
             layout = RingLayout.for_num(num, offset)
             layouts[idx] = (num, layout)
             offset += layout.size
-        self.area = _Area(max(offset, PAGE), "vduproxy-shadow")
+        self.inject_off = offset  # proxy-owned frames (a RARP) the SVQ puts on a TX ring
+        offset += (INJECT_SLOT + PAGE - 1) & ~(PAGE - 1)
+        self.area = _Area(offset, "vduproxy-shadow")
         self.area_iova = self._alloc_iova(self.area.size)
         self.dev.iotlb_update(self.area_iova, self.area.size, self.area.local, Perm.RW, 0)
         for idx, (num, layout) in layouts.items():
             self.shadows[idx] = _Shadow(idx, num, layout, _eventfd(), _eventfd())
 
-    def _configure_shadow_rings(self) -> None:
+    async def _restore(self, state: DeviceState, features: int) -> None:
+        """Replay a saved net state through the device's CVQ; a refused command fails loudly."""
+        try:
+            steps = plan_restore(state, features, cvq_caps(self.dev, features))
+            if steps:
+                if self.cvq is None or not self.cvq.ready:
+                    raise RestoreError(f"{len(steps)} control commands to replay but the device has no usable CVQ")
+                await apply_restore(self.cvq, steps)
+        except RestoreError as exc:
+            self.log.error("device_state_restore_failed", error=str(exc))
+            raise DeviceError("restore", str(exc)) from exc
+        self.session.pending_state = None
+        self.session.net_state = state
+        if self.mac is None or self.mac_source == "state":
+            self.mac, self.mac_source = state.mac, "state"
+        self.log.info("device_state_restored", steps=len(steps), mac=state.mac.hex(":"), pairs=state.pairs)
+
+    def _configure_shadow_rings(self, *, enable: bool = True) -> None:
         assert self.area is not None
         if self.svq is None:
             self.svq = Svq(self.info.vqs)
@@ -448,19 +694,23 @@ class DeviceDataPlane:
             dev.set_vring_base(idx, ring.base)
             dev.set_vring_kick(idx, sh.kick)
             dev.set_vring_call(idx, sh.call)
-            dev.set_vring_enable(idx, True)
+            dev.set_vring_enable(idx, enable)
 
     def _attach_guest_rings(self) -> None:
         assert self.svq is not None and self.mem is not None
         self.svq.set_regions([Region(r.gpa, r.size, r.local_addr, r.gpa) for r in self.mem.regions])
         g = self.guest_features
-        common = (GuestFlags.EVENT_IDX if g & NetF.RING_EVENT_IDX else 0) | (
-            GuestFlags.INDIRECT if g & NetF.RING_INDIRECT_DESC else 0
-        ) | (GuestFlags.MRG_RXBUF if g & NetF.MRG_RXBUF else 0)
+        common = (
+            (GuestFlags.EVENT_IDX if g & NetF.RING_EVENT_IDX else 0)
+            | (GuestFlags.INDIRECT if g & NetF.RING_INDIRECT_DESC else 0)
+            | (GuestFlags.MRG_RXBUF if g & NetF.MRG_RXBUF else 0)
+        )
         logging = bool(g & VHOST_F_LOG_ALL) and self.log_mm is not None
+        assert self.area is not None
+        self.svq.set_inject_area(self.area.local + self.inject_off, self.area_iova + self.inject_off, INJECT_SLOT)
         for idx, ring in sorted(self.rings.items()):
             assert ring.desc_gpa is not None and ring.avail_gpa is not None and ring.used_gpa is not None
-            flags = common | (GuestFlags.RX if idx % 2 == 0 else 0)
+            flags = common | (GuestFlags.RX if idx % 2 == 0 else GuestFlags.LEARN_MAC)
             log_used = 0
             if logging and ring.addr_flags & 1:
                 flags |= GuestFlags.LOG
@@ -484,6 +734,8 @@ class DeviceDataPlane:
             self.cvq = None
 
     async def _after_driver_ok(self, features: int) -> None:
+        if self.pending_rarp is not None and not self.transient_shadow and any(i % 2 == 1 for i in self.configured):
+            self._nursery_soon(self._send_pending_rarp)
         if self.cvq is None:
             return
         pairs = len({idx // 2 for idx in self.rings if idx < 2 * self.info.max_pairs})

@@ -125,6 +125,27 @@ async def run_connection(sock: trio.socket.SocketType, backend: Backend, conn_id
     clog = log.bind(conn=conn_id)
     conn = BackendConnection(offered_protocol_features=backend.offered_protocol_features())
     try:
+        async with trio.open_nursery() as nursery:
+            bind = getattr(backend, "bind_nursery", None)
+            if bind is not None:
+                bind(nursery)
+            # Handles (and logs) every error itself; background tasks of the connection end with it.
+            await _serve_requests(sock, conn, backend, clog)
+            nursery.cancel_scope.cancel()
+    finally:
+        conn.abort()  # closes any fd still buffered for messages never handled
+        with trio.CancelScope(shield=True):
+            try:
+                await backend.close()
+            finally:
+                sock.close()
+                clog.info("connection_closed")
+
+
+async def _serve_requests(
+    sock: trio.socket.SocketType, conn: BackendConnection, backend: Backend, clog: Any
+) -> None:
+    try:
         while True:
             req = await _read_request(sock, conn)
             if req is None:
@@ -146,14 +167,6 @@ async def run_connection(sock: trio.socket.SocketType, backend: Backend, conn_id
     except Exception as exc:
         # A device error or a bug ends this connection only; the listener and other sockets keep serving.
         clog.exception("backend_failure", error=repr(exc))
-    finally:
-        conn.abort()  # closes any fd still buffered for messages never handled
-        with trio.CancelScope(shield=True):
-            try:
-                await backend.close()
-            finally:
-                sock.close()
-                clog.info("connection_closed")
 
 
 def _check_socket_path(path: str) -> None:

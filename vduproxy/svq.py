@@ -30,13 +30,16 @@ except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt tr
 
 log = get_logger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 if lib.svq_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(f"vduproxy._svq_core ABI {lib.svq_abi_version()} != {ABI_VERSION}: rebuild it")
 
 MAX_VQS: int = lib.SVQ_MAX_VQS
 MAX_REGIONS: int = lib.SVQ_MAX_REGIONS
 MAX_RING: int = lib.SVQ_MAX_RING
+INJECT_SLOT: int = lib.SVQ_INJECT_SLOT  # bytes per injected frame (header included) and per area slot
+INJECT_SLOTS: int = lib.SVQ_INJECT_SLOTS  # most injected frames in flight; a larger area is not used beyond
+NET_HDR_LEN_DEVICE = 12  # the proxy always negotiates VERSION_1 with the device: virtio_net_hdr_v1
 _U16 = 0xFFFF
 _U64 = (1 << 64) - 1
 
@@ -49,6 +52,8 @@ class GuestFlags(enum.IntFlag):
     MRG_RXBUF = lib.SVQ_F_MRG_RXBUF
     RX = lib.SVQ_F_RX
     LOG = lib.SVQ_F_LOG
+    NET_HDR_12 = lib.SVQ_F_NET_HDR_12  # the guest's virtio-net header is 12 bytes (VERSION_1 or MRG_RXBUF)
+    LEARN_MAC = lib.SVQ_F_LEARN_MAC  # a net TX queue: learn the source MAC of the guest's frames
 
 
 class DevFlags(enum.IntFlag):
@@ -56,6 +61,9 @@ class DevFlags(enum.IntFlag):
 
     EVENT_IDX = lib.SVQ_DEV_EVENT_IDX
     INDIRECT = lib.SVQ_DEV_INDIRECT
+    # The device's MRG_RXBUF when it differs from the guest's (neither: the same, num_buffers passes through).
+    MRG_RXBUF = lib.SVQ_DEV_MRG_RXBUF
+    NO_MRG_RXBUF = lib.SVQ_DEV_NO_MRG_RXBUF
 
 
 class SvqError(Exception):
@@ -91,6 +99,8 @@ class SvqStats:
     faults: int
     dirty_pages: int
     clamped: int
+    injected: int  # proxy frames the device completed
+    mac_changes: int  # times the learned source MAC was set or changed
     broken: bool
     guest_attached: bool
     shadow_attached: bool
@@ -273,6 +283,32 @@ class Svq:
     def set_busy_poll(self, usec: int) -> None:
         self._check("svq_set_busy_poll", lib.svq_set_busy_poll(self._handle(), _u("usec", usec, 32)))
 
+    def set_inject_area(self, local: int, iova: int, size: int) -> None:
+        """Proxy memory the device can read (`local` here, `iova` for the device) for injected frames, at least
+        INJECT_SLOT bytes; refused (EBUSY) while an injected frame is in flight. (0, 0, 0) removes it."""
+        rc = lib.svq_set_inject_area(
+            self._handle(), ffi.cast("void *", _u("local", local, 64)), _u("iova", iova, 64), _u("size", size, 64)
+        )
+        self._check("svq_set_inject_area", rc)
+
+    def inject_tx(self, vq: int, frame: bytes, *, hdr_len: int = NET_HDR_LEN_DEVICE) -> None:
+        """Send a proxy-owned Ethernet frame (a RARP) on TX vq `vq`, behind a zeroed virtio-net header of
+        `hdr_len` bytes. Its completion never reaches the guest. EAGAIN: the shadow ring is full right now."""
+        if hdr_len not in (10, 12):
+            raise ValueError(f"hdr_len={hdr_len!r} is not a virtio-net header length (10 or 12)")
+        data = bytes(hdr_len) + bytes(frame)
+        if not frame or len(data) > INJECT_SLOT:
+            raise ValueError(f"frame of {len(frame)} bytes does not fit an inject slot of {INJECT_SLOT}")
+        rc = lib.svq_inject_tx(self._handle(), self._vq(vq), data, len(data))
+        self._check("svq_inject_tx", rc, vq)
+
+    def learned_mac(self, vq: int) -> bytes | None:
+        """The latest unicast source MAC seen on a GuestFlags.LEARN_MAC vq (sampled: every frame until one is
+        known, then every SVQ_MAC_SAMPLE-th), or None before the first."""
+        out = ffi.new("uint8_t[6]")
+        have = self._check("svq_get_learned_mac", lib.svq_get_learned_mac(self._handle(), self._vq(vq), out))
+        return bytes(ffi.buffer(out, 6)) if have else None
+
     # ---- running -------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._check("svq_start", lib.svq_start(self._handle()))
@@ -303,7 +339,8 @@ class Svq:
         return SvqStats(
             packets=st.packets, bytes=st.bytes, guest_kicks=st.guest_kicks, guest_calls=st.guest_calls,
             device_kicks=st.dev_kicks, device_calls=st.dev_calls, batches=st.batches, faults=st.faults,
-            dirty_pages=st.dirty_pages, clamped=st.clamped, broken=bool(st.broken),
+            dirty_pages=st.dirty_pages, clamped=st.clamped, injected=st.injected, mac_changes=st.mac_changes,
+            broken=bool(st.broken),
             guest_attached=bool(st.attached & 1), shadow_attached=bool(st.attached & 2),
         )  # fmt: skip
 

@@ -37,8 +37,12 @@
 #define NO_DESC UINT32_MAX
 #define CTL_TOKEN UINT64_MAX
 #define LOG_PAGE_SHIFT 12
-#define GUEST_FLAGS (SVQ_F_EVENT_IDX | SVQ_F_INDIRECT | SVQ_F_MRG_RXBUF | SVQ_F_RX | SVQ_F_LOG)
-#define DEV_FLAGS (SVQ_DEV_EVENT_IDX | SVQ_DEV_INDIRECT)
+#define GUEST_FLAGS                                                                                              \
+    (SVQ_F_EVENT_IDX | SVQ_F_INDIRECT | SVQ_F_MRG_RXBUF | SVQ_F_RX | SVQ_F_LOG | SVQ_F_NET_HDR_12 |               \
+     SVQ_F_LEARN_MAC)
+#define DEV_FLAGS (SVQ_DEV_EVENT_IDX | SVQ_DEV_INDIRECT | SVQ_DEV_MRG_RXBUF | SVQ_DEV_NO_MRG_RXBUF)
+#define NUM_BUFFERS_OFF 10 /* virtio_net_hdr_v1.num_buffers */
+#define NET_HDR_V1_LEN 12
 
 struct vdesc {
     uint64_t addr;
@@ -77,6 +81,8 @@ struct shead {
     uint16_t guest_head;
     uint16_t avail_pos;  /* shadow avail index this chain was published at */
     bool in_use;
+    bool injected;       /* a proxy frame (svq_inject_tx): completed inside the core, never toward the guest */
+    uint8_t slot;        /* its inject-area slot */
 };
 
 /* The shadow ring: the core plays the driver toward the device. */
@@ -98,8 +104,13 @@ struct vq {
     struct sring sh;
     bool has_guest, has_shadow;
     uint32_t broken;             /* atomic: 0 -> 1 once, by vq_fail; back to 0 only by detach */
-    pthread_mutex_t reason_lock; /* `reason` is written by the thread and by API calls, read by API calls */
+    pthread_mutex_t info_lock; /* `reason` and `mac`: written by the thread and API calls, read by API calls */
     char reason[SVQ_REASON_LEN];
+    uint8_t mac[6];              /* the latest unicast source MAC of the guest's TX frames */
+    bool mac_valid;
+    uint32_t mac_countdown;      /* TX chains until the next look at the source MAC (once one is known) */
+    bool quiet;                  /* non-EVENT_IDX sides: NO_NOTIFY / NO_INTERRUPT currently set by the core */
+    bool stalled;                /* the shadow ring had no room for the next guest chain: wait for the device */
     struct svq_stats st; /* counters: atomic adds by whoever processes, atomic loads by readers */
 };
 
@@ -113,8 +124,14 @@ struct svq {
     struct svq_region *regions;
     uint32_t nregions;
     bool identity; /* every region has iova == gpa: guest indirect tables are valid as the device reads them */
+    uint32_t last_region; /* region_of's guess: consecutive buffers nearly always share a region */
     uint8_t *log;
     uint64_t log_size;
+    uint8_t *inj_local; /* inject area: SVQ_INJECT_SLOT-byte slots, inj_mask marks those in flight */
+    uint64_t inj_iova;
+    uint32_t inj_slots;
+    uint64_t inj_mask;
+    bool stop;          /* atomic: asks the thread to return (with a ctl_efd write to wake it) */
     struct vq *vqs;
 };
 
@@ -156,9 +173,9 @@ static void signal_fd(int fd)
 
 static void set_reason_v(struct vq *q, const char *fmt, va_list ap)
 {
-    pthread_mutex_lock(&q->reason_lock);
+    pthread_mutex_lock(&q->info_lock);
     vsnprintf(q->reason, sizeof(q->reason), fmt, ap);
-    pthread_mutex_unlock(&q->reason_lock);
+    pthread_mutex_unlock(&q->info_lock);
 }
 
 __attribute__((format(printf, 2, 3))) static void set_reason(struct vq *q, const char *fmt, ...)
@@ -272,18 +289,26 @@ static int drain_fd(int fd)
 
 /* ---- guest memory ---------------------------------------------------------------------------------------- */
 
-static const struct svq_region *region_of(const svq_t *s, uint64_t gpa)
+/* Only the processing context (the thread, or an API call with the thread paused) calls this: it owns the guess. */
+static const struct svq_region *region_of(svq_t *s, uint64_t gpa)
 {
-    for (uint32_t i = 0; i < s->nregions; i++) {
-        const struct svq_region *r = &s->regions[i];
+    if (s->last_region < s->nregions) {
+        const struct svq_region *r = &s->regions[s->last_region];
         if (gpa >= r->gpa && gpa - r->gpa < r->size)
             return r;
+    }
+    for (uint32_t i = 0; i < s->nregions; i++) {
+        const struct svq_region *r = &s->regions[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size) {
+            s->last_region = i;
+            return r;
+        }
     }
     return NULL;
 }
 
 /* Local pointer to [gpa, gpa+len) when it lies inside one region (the core reads and writes through it). */
-static uint8_t *gpa_local(const svq_t *s, uint64_t gpa, uint64_t len)
+static uint8_t *gpa_local(svq_t *s, uint64_t gpa, uint64_t len)
 {
     const struct svq_region *r = region_of(s, gpa);
     if (!r || len > r->size - (gpa - r->gpa))
@@ -295,7 +320,7 @@ static uint8_t *gpa_local(const svq_t *s, uint64_t gpa, uint64_t len)
  * IOVA of [gpa, gpa+len). The device only needs the range contiguous in IOVA, so a buffer may run across
  * regions that are adjacent in both GPA and IOVA; anything else is outside guest memory.
  */
-static bool gpa_iova(const svq_t *s, uint64_t gpa, uint64_t len, uint64_t *iova)
+static bool gpa_iova_slow(svq_t *s, uint64_t gpa, uint64_t len, uint64_t *iova)
 {
     const struct svq_region *r = region_of(s, gpa);
     if (!r)
@@ -312,6 +337,20 @@ static bool gpa_iova(const svq_t *s, uint64_t gpa, uint64_t len, uint64_t *iova)
         room = r->size;
     }
     return true;
+}
+
+/* The per-buffer case: the whole buffer inside the region the previous one was in. */
+static inline bool gpa_iova(svq_t *s, uint64_t gpa, uint64_t len, uint64_t *iova)
+{
+    if (s->last_region < s->nregions) {
+        const struct svq_region *r = &s->regions[s->last_region];
+        uint64_t off = gpa - r->gpa;
+        if (gpa >= r->gpa && off < r->size && len <= r->size - off) {
+            *iova = r->iova + off;
+            return true;
+        }
+    }
+    return gpa_iova_slow(s, gpa, len, iova);
 }
 
 /* ---- dirty log ------------------------------------------------------------------------------------------- */
@@ -389,6 +428,148 @@ static int log_chain(svq_t *s, struct vq *q, uint32_t head, uint64_t len)
             len -= w;
         }
     }
+    return 0;
+}
+
+/* ---- reading and writing inside a chain ------------------------------------------------------------------- */
+
+/* Copy between buf and guest memory at [gpa, gpa+len), which may run across regions. False: not all of it is
+ * guest memory (nothing is known about how much was copied). */
+static bool guest_rw(svq_t *s, uint64_t gpa, uint8_t *buf, uint32_t len, bool store)
+{
+    while (len) {
+        const struct svq_region *r = region_of(s, gpa);
+        if (!r)
+            return false;
+        uint64_t room = r->size - (gpa - r->gpa);
+        uint32_t n = len < room ? len : (uint32_t)room;
+        uint8_t *p = (uint8_t *)(uintptr_t)(r->local + (gpa - r->gpa));
+        if (store)
+            memcpy(p, buf, n);
+        else
+            memcpy(buf, p, n);
+        gpa += n; /* cannot wrap: set_regions refused regions that end past UINT64_MAX */
+        buf += n;
+        len -= n;
+    }
+    return true;
+}
+
+/* A window [off, off+len) of a chain's readable or writable bytes, moved to or from buf. */
+struct cursor {
+    uint64_t off;
+    uint8_t *buf;
+    uint32_t len, done;
+    bool store, bad;
+};
+
+static void cursor_seg(svq_t *s, struct cursor *c, uint64_t gpa, uint32_t len)
+{
+    if (c->off >= len) {
+        c->off -= len;
+        return;
+    }
+    uint32_t take = len - (uint32_t)c->off;
+    if (take > c->len - c->done)
+        take = c->len - c->done;
+    if (gpa > UINT64_MAX - c->off || !guest_rw(s, gpa + c->off, c->buf + c->done, take, c->store)) {
+        c->bad = true;
+        return;
+    }
+    c->done += take;
+    c->off = 0;
+}
+
+/* A guest indirect table the device reads directly: the guest may have rewritten it, so check as we walk. */
+static void cursor_table(svq_t *s, struct cursor *c, const struct sdesc *e, uint16_t dir)
+{
+    const uint8_t *tab = gpa_local(s, e->gpa, e->len);
+    uint32_t n = e->len / DESC_SIZE;
+    if (!tab) {
+        c->bad = true;
+        return;
+    }
+    for (uint32_t i = 0, hops = 0; c->done < c->len && !c->bad;) {
+        struct vdesc d;
+        if (++hops > n) {
+            c->bad = true;
+            return;
+        }
+        memcpy(&d, tab + (size_t)i * DESC_SIZE, sizeof(d));
+        if ((d.flags & DESC_F_WRITE) == dir)
+            cursor_seg(s, c, d.addr, d.len);
+        if (!(d.flags & DESC_F_NEXT))
+            return;
+        i = d.next;
+        if (i >= n) {
+            c->bad = true;
+            return;
+        }
+    }
+}
+
+/*
+ * Move len bytes at offset off of the chain's writable (dir = DESC_F_WRITE) or readable (dir = 0) bytes.
+ * Returns how many were moved: fewer when the chain is shorter, or when the guest made part of it unreachable
+ * (an indirect table rewritten while in flight), which the callers treat as "not there".
+ */
+static uint32_t chain_rw(svq_t *s, struct vq *q, uint32_t head, uint16_t dir, uint64_t off, uint8_t *buf,
+                         uint32_t len, bool store)
+{
+    struct sring *r = &q->sh;
+    struct cursor c = {.off = off, .buf = buf, .len = len, .store = store};
+    uint32_t id = head;
+    for (uint32_t k = 0; k < r->hd[head].ndesc && c.done < len && !c.bad; k++, id = r->next[id]) {
+        const struct sdesc *e = &r->sd[id];
+        if (e->flags & DESC_F_INDIRECT)
+            cursor_table(s, &c, e, dir);
+        else if ((e->flags & DESC_F_WRITE) == dir)
+            cursor_seg(s, &c, e->gpa, e->len);
+    }
+    return c.bad ? 0 : c.done;
+}
+
+/*
+ * The source MAC of a guest TX frame (bytes 6..11 after the virtio-net header). The latest one wins, not the
+ * first: a guest that changes its address (ip link set address, a bonding failover) receives on the new one,
+ * and that is the address the device filter and the RARP must carry. Multicast and zero sources are not
+ * addresses a NIC receives on, so they are ignored.
+ */
+static void learn_mac(svq_t *s, struct vq *q, uint32_t sh_head)
+{
+    uint32_t hdr = (q->g.flags & SVQ_F_NET_HDR_12) ? NET_HDR_V1_LEN : 10;
+    uint8_t eth[12];
+    q->mac_countdown = SVQ_MAC_SAMPLE;
+    if (chain_rw(s, q, sh_head, 0, hdr, eth, sizeof(eth), false) != sizeof(eth))
+        return;
+    const uint8_t *src = eth + 6;
+    static const uint8_t zero[6];
+    if ((src[0] & 1) || !memcmp(src, zero, 6) || (q->mac_valid && !memcmp(q->mac, src, 6)))
+        return;
+    pthread_mutex_lock(&q->info_lock);
+    memcpy(q->mac, src, 6);
+    q->mac_valid = true;
+    pthread_mutex_unlock(&q->info_lock);
+    stat_add(&q->st.mac_changes, 1);
+}
+
+/*
+ * num_buffers across a MRG_RXBUF mismatch, on a completed RX chain the device wrote len bytes into. Guest with
+ * MRG_RXBUF, device without: every packet is one buffer, and the guest must read num_buffers = 1 (the device
+ * left the field as it pleased). Device with it, guest without: a packet spread over several buffers cannot be
+ * handed to this guest at all. The written field lies inside the first len bytes, so put_used logs its page.
+ */
+static int bridge_num_buffers(svq_t *s, struct vq *q, uint32_t sh_head, uint32_t len)
+{
+    bool guest_mrg = q->g.flags & SVQ_F_MRG_RXBUF; /* called only where the device's differs */
+    if (len < NET_HDR_V1_LEN)
+        return 0;
+    uint8_t v[2] = {1, 0};
+    if (chain_rw(s, q, sh_head, DESC_F_WRITE, NUM_BUFFERS_OFF, v, 2, guest_mrg) != 2)
+        return vq_fail(s, q, "RX chain %u became unreachable while in flight", q->sh.hd[sh_head].guest_head);
+    uint16_t n = (uint16_t)(v[0] | v[1] << 8);
+    if (!guest_mrg && n > 1)
+        return vq_fail(s, q, "device used %u buffers for one packet but the guest did not negotiate MRG_RXBUF", n);
     return 0;
 }
 
@@ -541,7 +722,7 @@ undo:
 static int kick_device(svq_t *s, struct vq *q, uint16_t old_avail)
 {
     struct sring *r = &q->sh;
-    full_fence();
+    full_fence(); /* the avail idx store must be visible before we read the device's suppression state */
     bool need = (r->flags & SVQ_DEV_EVENT_IDX)
                     ? need_event(ld16(r->used + 4 + 8 * (size_t)r->num), r->avail_idx, old_avail)
                     : !(ld16(r->used) & USED_F_NO_NOTIFY);
@@ -554,77 +735,58 @@ static int kick_device(svq_t *s, struct vq *q, uint16_t old_avail)
     return 0;
 }
 
-/* Write avail_event (guest EVENT_IDX) so the guest kicks once it publishes past what was consumed. */
-static int set_avail_event(svq_t *s, struct vq *q)
+/* Offer one prepared shadow chain to the device (published with the batch's avail idx store). */
+static inline void offer(struct sring *r, uint32_t sh_head)
 {
-    struct gring *g = &q->g;
-    uint8_t *p = g->used + 4 + 8 * (size_t)g->num;
-    if (ld16(p) == g->last_avail)
-        return 0;
-    st16(p, g->last_avail);
-    if (logging(q))
-        return log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)g->num, 2);
-    return 0;
+    st16(r->avail + 4 + 2 * (size_t)(r->avail_idx & (r->num - 1)), (uint16_t)sh_head);
+    r->hd[sh_head].avail_pos = r->avail_idx;
+    r->avail_idx++;
+    r->inflight++;
 }
-
-/* Rounds of "publish event index, re-check" per call: bounded so an index that keeps flipping cannot pin us. */
-#define RECHECKS 4
 
 static uint32_t process_avail(svq_t *s, struct vq *q, bool *more)
 {
     struct gring *g = &q->g;
     struct sring *r = &q->sh;
     uint16_t old_avail = r->avail_idx;
-    uint32_t moved = 0, budget = g->num, rechecks = 0;
-    bool stalled = false;
-    while (!stalled) {
-        uint16_t avail_idx = ld16_acq(g->avail + 2);
+    uint32_t budget = g->num;
+    bool learn = g->flags & SVQ_F_LEARN_MAC;
+    const uint8_t *ring = g->avail + 4;
+    uint32_t mask = g->num - 1;
+    for (uint16_t avail_idx = ld16_acq(g->avail + 2);; avail_idx = ld16_acq(g->avail + 2)) {
         uint16_t n = (uint16_t)(avail_idx - g->last_avail);
         if (n > g->num) {
             vq_fail(s, q, "guest avail idx %u is %u entries ahead of %u (ring size %u)", avail_idx, n,
                     g->last_avail, g->num);
-            return moved;
+            return 0;
         }
-        if (!n) {
-            if (!(g->flags & SVQ_F_EVENT_IDX))
-                break;
-            if (set_avail_event(s, q))
-                return moved;
-            full_fence();
-            if (ld16_acq(g->avail + 2) == g->last_avail)
-                break;
-            if (++rechecks > RECHECKS) {
-                *more = true;
-                break;
-            }
-            continue;
+        if (!n)
+            break;
+        if (n > budget) {
+            n = (uint16_t)budget;
+            *more = true; /* the caller comes back without sleeping */
         }
-        for (; n; n--) {
-            if (!budget) {
-                stalled = true;
-                *more = true; /* the caller comes back without sleeping */
-                break;
-            }
-            uint32_t head = ld16(g->avail + 4 + 2 * (size_t)(g->last_avail & (g->num - 1)));
+        for (uint16_t k = 0; k < n; k++) {
+            uint32_t head = ld16(ring + 2 * (size_t)(g->last_avail & mask));
             uint32_t sh_head = 0;
             int rc = forward_chain(s, q, head, &sh_head);
             if (rc < 0)
-                return moved;
+                return 0; /* the vq is broken: what this round prepared stays unpublished */
             if (rc > 0) {
-                stalled = true; /* the device's used entries will free descriptors and wake us */
-                break;
+                q->stalled = true; /* the device's used entries will free descriptors and wake us */
+                goto publish;
             }
-            st16(r->avail + 4 + 2 * (size_t)(r->avail_idx & (r->num - 1)), (uint16_t)sh_head);
-            r->hd[sh_head].avail_pos = r->avail_idx;
-            r->avail_idx++;
-            r->inflight++;
+            if (learn && (!q->mac_valid || --q->mac_countdown == 0))
+                learn_mac(s, q, sh_head);
+            offer(r, sh_head);
             g->last_avail++;
-            budget--;
-            moved++;
         }
+        budget -= n;
+        if (!budget)
+            break;
     }
-    if (stalled && (g->flags & SVQ_F_EVENT_IDX) && set_avail_event(s, q))
-        return moved;
+publish:;
+    uint32_t moved = (uint16_t)(r->avail_idx - old_avail);
     if (moved) {
         st16_rel(r->avail + 2, r->avail_idx);
         kick_device(s, q, old_avail);
@@ -637,7 +799,7 @@ static uint32_t process_avail(svq_t *s, struct vq *q, bool *more)
 static int call_guest(svq_t *s, struct vq *q, uint16_t old_used)
 {
     struct gring *g = &q->g;
-    full_fence();
+    full_fence(); /* the used idx store must be visible before we read the guest's suppression state */
     bool need = (g->flags & SVQ_F_EVENT_IDX)
                     ? need_event(ld16(g->avail + 4 + 2 * (size_t)g->num), g->used_idx, old_used)
                     : !(ld16(g->avail) & AVAIL_F_NO_INTERRUPT);
@@ -648,6 +810,18 @@ static int call_guest(svq_t *s, struct vq *q, uint16_t old_used)
         return vq_fail(s, q, "guest call fd: %s", strerror(-rc));
     stat_add(&q->st.guest_calls, (uint64_t)rc);
     return 0;
+}
+
+/* Give a shadow chain's descriptors back (and its inject slot, for a proxy frame). */
+static void release_chain(svq_t *s, struct sring *r, uint32_t sh_head)
+{
+    struct shead *h = &r->hd[sh_head];
+    sh_free_chain(r, sh_head, h->ndesc);
+    if (h->injected)
+        s->inj_mask &= ~(1ull << h->slot);
+    h->in_use = false;
+    h->injected = false;
+    r->inflight--;
 }
 
 /* Write one guest used entry (and its log bits). The slot index is masked, so it is always inside the ring. */
@@ -662,9 +836,7 @@ static int put_used(svq_t *s, struct vq *q, uint32_t sh_head, uint32_t len)
     memcpy(g->used + 4 + 8 * (size_t)slot, &e, sizeof(e));
     if (logging(q) && log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)slot, sizeof(e)))
         return -EIO;
-    sh_free_chain(r, sh_head, r->hd[sh_head].ndesc);
-    r->hd[sh_head].in_use = false;
-    r->inflight--;
+    release_chain(s, r, sh_head);
     g->used_idx++;
     return 0;
 }
@@ -681,63 +853,127 @@ static int publish_used(svq_t *s, struct vq *q, uint16_t old_used)
     return call_guest(s, q, old_used);
 }
 
-static uint32_t process_used(svq_t *s, struct vq *q, bool *more)
+static uint32_t process_used(svq_t *s, struct vq *q)
 {
     struct gring *g = &q->g;
     struct sring *r = &q->sh;
-    uint16_t old_used = g->used_idx;
-    uint32_t moved = 0, rechecks = 0;
+    uint16_t old_used = g->used_idx, old_last = r->last_used;
     uint64_t bytes = 0;
-    for (;;) {
-        uint16_t used_idx = ld16_acq(r->used + 2);
+    /* Only where the caller said the two sides differ (see svq_core.h). */
+    bool rx_fix = (g->flags & SVQ_F_RX) && ((g->flags & SVQ_F_MRG_RXBUF) ? (r->flags & SVQ_DEV_NO_MRG_RXBUF)
+                                                                        : (r->flags & SVQ_DEV_MRG_RXBUF));
+    const uint8_t *ring = r->used + 4;
+    uint32_t mask = r->num - 1;
+    /* Each entry taken lowers inflight and an index ahead of inflight breaks the vq, so this loop is bounded. */
+    for (uint16_t used_idx = ld16_acq(r->used + 2);; used_idx = ld16_acq(r->used + 2)) {
         uint16_t n = (uint16_t)(used_idx - r->last_used);
-        if (!n) {
-            if (!(r->flags & SVQ_DEV_EVENT_IDX))
-                break;
-            /* used_event: ask the device to call as soon as the next entry lands, then re-check. */
-            st16(r->avail + 4 + 2 * (size_t)r->num, r->last_used);
-            full_fence();
-            if (ld16_acq(r->used + 2) == r->last_used)
-                break;
-            if (++rechecks > RECHECKS) {
-                *more = true;
-                break;
-            }
-            continue;
-        }
+        if (!n)
+            break;
         if (n > r->inflight) {
             vq_fail(s, q, "device used idx %u is %u ahead of %u with %u chains in flight", used_idx, n,
                     r->last_used, r->inflight);
-            return moved;
+            goto out;
         }
         for (; n; n--) {
             struct used_elem e;
-            memcpy(&e, r->used + 4 + 8 * (size_t)(r->last_used & (r->num - 1)), sizeof(e));
+            memcpy(&e, ring + 8 * (size_t)(r->last_used & mask), sizeof(e));
             if (e.id >= r->num || !r->hd[e.id].in_use) {
                 vq_fail(s, q, "device used id %u is not a chain in flight", e.id);
-                return moved;
+                goto out;
+            }
+            if (r->hd[e.id].injected) {
+                release_chain(s, r, e.id);
+                stat_add(&q->st.injected, 1);
+                r->last_used++;
+                continue;
             }
             if (e.len > r->hd[e.id].wlen) {
                 e.len = (uint32_t)r->hd[e.id].wlen; /* never let the guest believe more than its buffers hold */
                 stat_add(&q->st.clamped, 1);
             }
+            if (rx_fix && bridge_num_buffers(s, q, e.id, e.len))
+                goto out;
             if (put_used(s, q, e.id, e.len))
-                return moved;
+                goto out;
             r->last_used++;
             bytes += e.len;
-            moved++;
         }
     }
-    if (moved && !publish_used(s, q, old_used)) {
-        stat_add(&q->st.packets, moved);
+out:
+    if (r->last_used != old_last)
+        q->stalled = false;
+    uint16_t to_guest = (uint16_t)(g->used_idx - old_used);
+    if (to_guest && !is_broken(q) && !publish_used(s, q, old_used)) {
+        stat_add(&q->st.packets, to_guest);
         stat_add(&q->st.bytes, bytes);
     }
-    return moved;
+    return (uint16_t)(r->last_used - old_last);
+}
+
+/* ---- notification suppression ---------------------------------------------------------------------------- */
+
+/*
+ * While the core is busy (it will look at the rings again without being told), neither side needs to notify
+ * it: with EVENT_IDX the event indexes the core published last stay behind, so each side notifies once when
+ * it crosses them and then stays quiet; without, the core sets used->flags NO_NOTIFY toward the guest and
+ * avail->flags NO_INTERRUPT toward the device. Before sleeping, arm_vq asks for notifications again and looks
+ * once more after a full barrier, so an entry published in between is never missed.
+ */
+static int quiet_vq(svq_t *s, struct vq *q)
+{
+    if (q->quiet)
+        return 0;
+    q->quiet = true;
+    if (!(q->sh.flags & SVQ_DEV_EVENT_IDX))
+        st16(q->sh.avail, AVAIL_F_NO_INTERRUPT);
+    if (q->g.flags & SVQ_F_EVENT_IDX)
+        return 0;
+    st16(q->g.used, USED_F_NO_NOTIFY);
+    return logging(q) ? log_range(s, q, q->g.log_used_gpa, 2) : 0;
+}
+
+/* Write avail_event (guest EVENT_IDX) so the guest kicks once it publishes past what was consumed. */
+static int set_avail_event(svq_t *s, struct vq *q, uint16_t value)
+{
+    struct gring *g = &q->g;
+    uint8_t *p = g->used + 4 + 8 * (size_t)g->num;
+    if (ld16(p) == value)
+        return 0;
+    st16(p, value);
+    return logging(q) ? log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)g->num, 2) : 0;
+}
+
+/* Guest used->flags back to "notify me" (the core starts and ends with it clear, whoever set it before). */
+static int clear_no_notify(svq_t *s, struct vq *q)
+{
+    if (!ld16(q->g.used))
+        return 0;
+    st16(q->g.used, 0);
+    return logging(q) ? log_range(s, q, q->g.log_used_gpa, 2) : 0;
+}
+
+/* Returns true when either side has work the core can do now (after asking both to notify again). */
+static bool arm_vq(svq_t *s, struct vq *q)
+{
+    struct gring *g = &q->g;
+    struct sring *r = &q->sh;
+    q->quiet = false;
+    if (r->flags & SVQ_DEV_EVENT_IDX)
+        st16(r->avail + 4 + 2 * (size_t)r->num, r->last_used);
+    else
+        st16(r->avail, 0);
+    /* NO_NOTIFY is meaningless with EVENT_IDX, but one left by a passthrough device must not outlive it */
+    if (clear_no_notify(s, q) || ((g->flags & SVQ_F_EVENT_IDX) && set_avail_event(s, q, g->last_avail)))
+        return false;
+    full_fence(); /* our stores above against the other sides' index stores: one of us sees the other */
+    /* A stalled guest chain waits for room, which only a device used entry (seen below) makes. */
+    bool guest = !q->stalled && ld16_acq(g->avail + 2) != g->last_avail;
+    return guest || ld16_acq(r->used + 2) != r->last_used;
 }
 
 static bool vq_active(const struct vq *q) { return q->has_guest && q->has_shadow && !is_broken(q); }
 
-/* One round over every vq. *more is set when a vq stopped early with work left (budget or re-check limit). */
+/* One round over every vq. *more is set when a vq stopped early with work left (its budget). */
 static uint32_t process_all(svq_t *s, bool *more)
 {
     uint32_t total = 0;
@@ -745,14 +981,29 @@ static uint32_t process_all(svq_t *s, bool *more)
         struct vq *q = &s->vqs[i];
         if (!vq_active(q))
             continue;
-        uint32_t moved = process_used(s, q, more);
+        uint32_t moved = process_used(s, q);
         if (!is_broken(q))
             moved += process_avail(s, q, more);
-        if (moved)
+        if (moved) {
             stat_add(&q->st.batches, 1);
+            if (!is_broken(q))
+                quiet_vq(s, q);
+        }
         total += moved;
     }
     return total;
+}
+
+/* Arm every active vq; true when one of them has work already. */
+static bool arm_all(svq_t *s)
+{
+    bool work = false;
+    for (uint32_t i = 0; i < s->nvqs; i++) {
+        struct vq *q = &s->vqs[i];
+        if (vq_active(q) && arm_vq(s, q) && !is_broken(q))
+            work = true;
+    }
+    return work;
 }
 
 /* ---- the thread ------------------------------------------------------------------------------------------ */
@@ -794,27 +1045,40 @@ static void *svq_thread(void *arg)
     struct epoll_event evs[32];
     int timeout = 0; /* first round: pick up whatever was pending before start */
     uint64_t busy_until = 0;
+    uint32_t spins = 0;
     for (;;) {
-        int n = epoll_wait(s->epfd, evs, 32, timeout);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            for (uint32_t i = 0; i < s->nvqs; i++)
-                if (vq_active(&s->vqs[i]))
-                    vq_fail(s, &s->vqs[i], "epoll_wait: %s", strerror(errno));
-            return NULL;
-        }
-        for (int i = 0; i < n; i++) {
-            if (evs[i].data.u64 == CTL_TOKEN)
+        /* While busy the rings are looked at anyway: collect the (suppressed, so rare) events now and then only,
+         * instead of a syscall per round. The stop flag is what ends the thread between two epoll_waits. */
+        if (timeout || (++spins & 15) == 0) {
+            int n = epoll_wait(s->epfd, evs, 32, timeout);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                for (uint32_t i = 0; i < s->nvqs; i++)
+                    if (vq_active(&s->vqs[i]))
+                        vq_fail(s, &s->vqs[i], "epoll_wait: %s", strerror(errno));
                 return NULL;
-            handle_event(s, &evs[i]);
+            }
+            for (int i = 0; i < n; i++) {
+                if (evs[i].data.u64 == CTL_TOKEN)
+                    return NULL;
+                handle_event(s, &evs[i]);
+            }
         }
+        if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE))
+            return NULL;
         bool more = false;
         uint32_t moved = process_all(s, &more);
-        uint64_t now = s->busy_poll_us ? now_us() : 0;
-        if (moved && s->busy_poll_us)
-            busy_until = now + s->busy_poll_us;
-        timeout = (moved || more || now < busy_until) ? 0 : -1;
+        timeout = 0;
+        if (moved || more) {
+            if (s->busy_poll_us)
+                busy_until = now_us() + s->busy_poll_us;
+            continue;
+        }
+        if (s->busy_poll_us && now_us() < busy_until)
+            continue; /* polling: both sides stay quiet */
+        if (!arm_all(s))
+            timeout = -1;
     }
 }
 
@@ -861,8 +1125,10 @@ static void thread_stop(svq_t *s)
 {
     if (!s->running)
         return;
+    __atomic_store_n(&s->stop, true, __ATOMIC_RELEASE);
     signal_fd(s->ctl_efd);
     pthread_join(s->thread, NULL);
+    s->stop = false;
     uint64_t v;
     while (read(s->ctl_efd, &v, sizeof(v)) > 0) {
     }
@@ -893,7 +1159,7 @@ svq_t *svq_new(uint32_t nvqs, int error_efd)
         struct vq *q = &s->vqs[i];
         q->g.kick_fd = q->g.call_fd = q->sh.kick_fd = q->sh.call_fd = -1;
         /* default attributes: glibc's init cannot fail then, so there is nothing to unwind per vq */
-        pthread_mutex_init(&q->reason_lock, NULL);
+        pthread_mutex_init(&q->info_lock, NULL);
     }
     if ((e = -dup_fd(error_efd, &s->error_efd)))
         goto fail;
@@ -921,9 +1187,12 @@ static void detach_guest(struct vq *q)
     q->has_guest = false;
 }
 
-static void detach_shadow(struct vq *q)
+static void detach_shadow(svq_t *s, struct vq *q)
 {
     struct sring *r = &q->sh;
+    for (uint32_t i = 0; q->has_shadow && i < r->num; i++)
+        if (r->hd[i].in_use && r->hd[i].injected)
+            s->inj_mask &= ~(1ull << r->hd[i].slot);
     close_fd(&r->kick_fd);
     close_fd(&r->call_fd);
     free(r->next);
@@ -943,8 +1212,8 @@ void svq_free(svq_t *s)
     thread_stop(s);
     for (uint32_t i = 0; i < s->nvqs; i++) {
         detach_guest(&s->vqs[i]);
-        detach_shadow(&s->vqs[i]);
-        pthread_mutex_destroy(&s->vqs[i].reason_lock);
+        detach_shadow(s, &s->vqs[i]);
+        pthread_mutex_destroy(&s->vqs[i].info_lock);
     }
     close_fd(&s->ctl_efd);
     close_fd(&s->error_efd);
@@ -977,7 +1246,7 @@ static int resume_thread(svq_t *s, bool was, int rc)
 static struct vq *vq_of(svq_t *s, uint32_t vq) { return (s && vq < s->nvqs) ? &s->vqs[vq] : NULL; }
 
 /* Resolve the guest ring parts through the current region table; checks every part lies inside one region. */
-static int resolve_guest(const svq_t *s, struct gring *g)
+static int resolve_guest(svq_t *s, struct gring *g)
 {
     uint8_t *desc = gpa_local(s, g->desc_gpa, (uint64_t)DESC_SIZE * g->num);
     uint8_t *avail = gpa_local(s, g->avail_gpa, 6 + 2 * (uint64_t)g->num);
@@ -1070,6 +1339,7 @@ int svq_attach_guest(svq_t *s, uint32_t vq, uint32_t num, uint64_t desc_gpa, uin
     detach_guest(q);
     q->g = g;
     q->has_guest = true;
+    q->quiet = false;
     set_reason(q, "%s", "");
 out:
     return resume_thread(s, was, rc);
@@ -1079,7 +1349,8 @@ int svq_attach_shadow(svq_t *s, uint32_t vq, uint32_t num, void *desc, void *ava
                       int dev_kick_fd, int dev_call_fd, uint32_t dev_flags)
 {
     struct vq *q = vq_of(s, vq);
-    if (!q || !is_pow2(num) || num > SVQ_MAX_RING || (dev_flags & ~(uint32_t)DEV_FLAGS) || !desc || !avail ||
+    if (!q || !is_pow2(num) || num > SVQ_MAX_RING || (dev_flags & ~(uint32_t)DEV_FLAGS) ||
+        (dev_flags & SVQ_DEV_MRG_RXBUF && dev_flags & SVQ_DEV_NO_MRG_RXBUF) || !desc || !avail ||
         !used || ((uintptr_t)desc & 15) || ((uintptr_t)avail & 1) || ((uintptr_t)used & 3))
         return -EINVAL;
     struct sring r = {.num = num, .desc = desc, .avail = avail, .used = used, .avail_idx = base, .last_used = base,
@@ -1116,9 +1387,11 @@ int svq_attach_shadow(svq_t *s, uint32_t vq, uint32_t num, void *desc, void *ava
     memset(used, 0, 6 + 8 * (size_t)num);
     st16(r.avail + 2, base);
     st16(r.used + 2, base);
-    detach_shadow(q);
+    detach_shadow(s, q);
     q->sh = r;
     q->has_shadow = true;
+    q->quiet = false;
+    q->stalled = false;
     return resume_thread(s, was, 0);
 }
 
@@ -1129,7 +1402,7 @@ int svq_detach(svq_t *s, uint32_t vq)
         return -EINVAL;
     bool was = pause_thread(s);
     detach_guest(q);
-    detach_shadow(q);
+    detach_shadow(s, q);
     __atomic_store_n(&q->broken, 0, __ATOMIC_RELEASE);
     set_reason(q, "%s", "");
     return resume_thread(s, was, 0);
@@ -1196,6 +1469,9 @@ int svq_poll(svq_t *s)
     block_sigpipe(&old);
     bool more = false;
     uint32_t moved = process_all(s, &more);
+    /* End as the thread would before sleeping: both sides asked to notify, and nothing left behind. */
+    for (int i = 0; i < 4 && arm_all(s); i++)
+        moved += process_all(s, &more);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_mutex_unlock(&s->lock);
     return moved > INT32_MAX ? INT32_MAX : (int)moved;
@@ -1245,12 +1521,11 @@ static int drain(svq_t *s, struct vq *q, uint16_t dev_last_avail, uint16_t *gues
 {
     struct gring *g = &q->g;
     struct sring *r = &q->sh;
-    bool more = false; /* a suspended device does not move its used index: one pass takes everything */
-    process_used(s, q, &more);
+    process_used(s, q); /* a suspended device does not move its used index: one pass takes everything */
     if (is_broken(q))
         return -EIO;
     uint16_t unconsumed = (uint16_t)(r->avail_idx - dev_last_avail);
-    uint32_t below = 0;
+    uint32_t below = 0, injected_below = 0;
     uint32_t *done = calloc(2 * (size_t)(r->inflight + 1), sizeof(*done));
     if (!done)
         return -ENOMEM;
@@ -1261,7 +1536,8 @@ static int drain(svq_t *s, struct vq *q, uint16_t dev_last_avail, uint16_t *gues
         uint16_t age = (uint16_t)(r->avail_idx - r->hd[i].avail_pos);
         if (age <= unconsumed) {
             below++;
-        } else {
+            injected_below += r->hd[i].injected;
+        } else if (!r->hd[i].injected) { /* a consumed proxy frame is simply forgotten */
             done[2 * ndone] = age;
             done[2 * ndone + 1] = i;
             ndone++;
@@ -1287,17 +1563,18 @@ static int drain(svq_t *s, struct vq *q, uint16_t dev_last_avail, uint16_t *gues
     free(done);
     if (rc || publish_used(s, q, old_used))
         return -EIO;
-    for (uint32_t i = 0; i < r->num; i++) {
-        if (r->hd[i].in_use) {
-            sh_free_chain(r, i, r->hd[i].ndesc);
-            r->hd[i].in_use = false;
-        }
-    }
-    r->inflight = 0;
-    g->last_avail = (uint16_t)(g->last_avail - unconsumed);
+    for (uint32_t i = 0; i < r->num; i++)
+        if (r->hd[i].in_use)
+            release_chain(s, r, i);
+    /* Proxy frames are not in the guest's ring: only the guest's own unconsumed chains are rewound. */
+    g->last_avail = (uint16_t)(g->last_avail - (uint16_t)(unconsumed - injected_below));
+    /* Whoever takes the ring next (the device in passthrough) starts from "notify me": no NO_NOTIFY left
+     * behind, and an avail_event at the base so the guest's next entry kicks. */
+    if (clear_no_notify(s, q) || ((g->flags & SVQ_F_EVENT_IDX) && set_avail_event(s, q, g->last_avail)))
+        return -EIO;
     *guest_base = g->last_avail;
     detach_guest(q);
-    detach_shadow(q);
+    detach_shadow(s, q);
     return 0;
 }
 
@@ -1324,6 +1601,78 @@ int svq_drain_vq(svq_t *s, uint32_t vq, uint16_t dev_last_avail, uint16_t *guest
     return rc;
 }
 
+int svq_set_inject_area(svq_t *s, void *local, uint64_t iova, uint64_t size)
+{
+    if (!s || !local != !size)
+        return -EINVAL;
+    if (local && (size < SVQ_INJECT_SLOT || (uintptr_t)local > UINTPTR_MAX - size || iova > UINT64_MAX - size))
+        return -EINVAL;
+    bool was = pause_thread(s);
+    int rc = 0;
+    if (s->inj_mask) {
+        rc = -EBUSY; /* the device may still read a slot of the old area */
+    } else {
+        s->inj_local = local;
+        s->inj_iova = iova;
+        uint64_t slots = size / SVQ_INJECT_SLOT;
+        s->inj_slots = slots > SVQ_INJECT_SLOTS ? SVQ_INJECT_SLOTS : (uint32_t)slots;
+    }
+    return resume_thread(s, was, rc);
+}
+
+static int inject(svq_t *s, struct vq *q, const void *frame, uint32_t len)
+{
+    struct sring *r = &q->sh;
+    if (!q->has_guest || !q->has_shadow)
+        return -ENOTCONN;
+    if (is_broken(q))
+        return -EIO;
+    if (q->g.flags & SVQ_F_RX)
+        return -EINVAL;
+    uint64_t all = s->inj_slots >= 64 ? UINT64_MAX : (1ull << s->inj_slots) - 1;
+    if (!s->inj_slots || (s->inj_mask & all) == all)
+        return -ENOBUFS;
+    if (!r->nfree)
+        return -EAGAIN;
+    uint32_t slot = (uint32_t)__builtin_ctzll(~s->inj_mask);
+    memcpy(s->inj_local + (size_t)slot * SVQ_INJECT_SLOT, frame, len);
+    struct chain c = {.first = NO_DESC, .pend_id = NO_DESC};
+    emit(r, &c, 0, len, 0, s->inj_iova + (uint64_t)slot * SVQ_INJECT_SLOT);
+    memcpy(r->desc + (size_t)c.pend_id * DESC_SIZE, &c.pend, sizeof(c.pend));
+    r->hd[c.first] = (struct shead){.ndesc = 1, .in_use = true, .injected = true, .slot = (uint8_t)slot};
+    s->inj_mask |= 1ull << slot;
+    uint16_t old_avail = r->avail_idx;
+    offer(r, c.first);
+    st16_rel(r->avail + 2, r->avail_idx);
+    return kick_device(s, q, old_avail);
+}
+
+int svq_inject_tx(svq_t *s, uint32_t vq, const void *frame, size_t len)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !frame || !len || len > SVQ_INJECT_SLOT)
+        return -EINVAL;
+    bool was = pause_thread(s);
+    sigset_t old;
+    block_sigpipe(&old);
+    int rc = inject(s, q, frame, (uint32_t)len);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return resume_thread(s, was, rc);
+}
+
+int svq_get_learned_mac(svq_t *s, uint32_t vq, uint8_t *out)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q || !out)
+        return -EINVAL;
+    pthread_mutex_lock(&q->info_lock);
+    int have = q->mac_valid;
+    if (have)
+        memcpy(out, q->mac, 6);
+    pthread_mutex_unlock(&q->info_lock);
+    return have;
+}
+
 int svq_get_stats(svq_t *s, uint32_t vq, struct svq_stats *out)
 {
     struct vq *q = vq_of(s, vq);
@@ -1340,6 +1689,8 @@ int svq_get_stats(svq_t *s, uint32_t vq, struct svq_stats *out)
     LOAD(faults);
     LOAD(dirty_pages);
     LOAD(clamped);
+    LOAD(injected);
+    LOAD(mac_changes);
 #undef LOAD
     out->broken = is_broken(q);
     pthread_mutex_lock(&s->lock);
@@ -1370,8 +1721,8 @@ int svq_vq_error(svq_t *s, uint32_t vq, char *buf, size_t len)
     struct vq *q = vq_of(s, vq);
     if (!q || !buf || !len)
         return -EINVAL;
-    pthread_mutex_lock(&q->reason_lock);
+    pthread_mutex_lock(&q->info_lock);
     snprintf(buf, len, "%s", q->reason);
-    pthread_mutex_unlock(&q->reason_lock);
+    pthread_mutex_unlock(&q->info_lock);
     return (int)strlen(buf);
 }

@@ -1,6 +1,6 @@
 /*
  * svq_core under AddressSanitizer + UndefinedBehaviorSanitizer: forwarding, drain, dirty log, the thread, and
- * the hostile-ring list, against guest memory and shadow rings that are exact-size heap blocks (so any read or
+ * the hostile-ring list, the learned MAC, frame injection, num_buffers bridging, against guest memory and shadow rings that are exact-size heap blocks (so any read or
  * write outside them is a sanitizer report). Built and run by tests/csan/run.sh; exit status 0 = all passed.
  */
 #define _GNU_SOURCE
@@ -544,6 +544,114 @@ static void test_fuzz(void)
     }
 }
 
+/* ---- migration features ---------------------------------------------------------------------------------- */
+
+/* Learned MAC through a header split from the frame, RARP injection on TX, num_buffers bridging on RX. */
+static void test_mac_inject_num_buffers(void)
+{
+    struct env e;
+    env_init(&e, 8, SHIFT, SVQ_F_RX | SVQ_F_MRG_RXBUF | SVQ_F_NET_HDR_12, SVQ_DEV_NO_MRG_RXBUF);
+    { /* vq 1 becomes a TX queue that learns */
+        struct ring *g = &e.g[1];
+        uint64_t d = (uint64_t)(g->desc - e.mem) + GPA, a = d + 128, u = a + ((6 + 16 + 3) & ~3u);
+        CHECK(svq_attach_guest(e.s, 1, 8, d, a, u, 0, e.kick[1], e.call[1], SVQ_F_NET_HDR_12 | SVQ_F_LEARN_MAC,
+                               0) == 0);
+    }
+    /* vq 1 (TX): header in one descriptor, frame (dst, src) in the next */
+    static const uint8_t mac[6] = {0x52, 0x54, 0, 0x12, 0x34, 0x56};
+    uint64_t h = galloc(&e, 12, 16), f = galloc(&e, 60, 16);
+    memset(gptr(&e, h), 0, 12);
+    memset(gptr(&e, f), 0xff, 6);
+    memcpy(gptr(&e, f) + 6, mac, 6);
+    gdesc(&e, 1, 0, h, 12, F_NEXT, 1);
+    gdesc(&e, 1, 1, f, 60, 0, 0);
+    goffer(&e, 1, 0);
+    uint8_t got[6] = {0};
+    CHECK(svq_get_learned_mac(e.s, 1, got) == 0);
+    CHECK(svq_inject_tx(e.s, 1, "x", 1) == -ENOBUFS);
+    uint8_t *area = aligned_alloc(4096, 2 * SVQ_INJECT_SLOT);
+    CHECK(svq_set_inject_area(e.s, area, 0x7e0000000000ull, 2 * SVQ_INJECT_SLOT) == 0);
+    CHECK(svq_poll(e.s) == 1);
+    uint8_t rarp[12 + 60];
+    memset(rarp, 0xab, sizeof(rarp));
+    CHECK(svq_inject_tx(e.s, 1, rarp, sizeof(rarp)) == 0);
+    CHECK(svq_inject_tx(e.s, 1, rarp, SVQ_INJECT_SLOT + 1) == -EINVAL);
+    CHECK(svq_inject_tx(e.s, 0, rarp, sizeof(rarp)) == -EINVAL);
+    CHECK(svq_get_learned_mac(e.s, 1, got) == 1 && memcmp(got, mac, 6) == 0);
+    int t1 = dpop(&e, 1), t2 = dpop(&e, 1);
+    CHECK(t1 >= 0 && t2 >= 0);
+    if (t1 < 0 || t2 < 0) {
+        env_free(&e);
+        free(area);
+        return;
+    }
+    struct desc d;
+    memcpy(&d, e.sh[1].desc + 16u * (uint32_t)t2, 16);
+    CHECK(d.addr >= 0x7e0000000000ull && d.len == sizeof(rarp) && !(d.flags & (F_NEXT | F_WRITE)));
+    CHECK(memcmp(area + (d.addr - 0x7e0000000000ull), rarp, sizeof(rarp)) == 0);
+    dcomplete(&e, 1, t2, 0);
+    dcomplete(&e, 1, t1, 0);
+    svq_poll(e.s);
+    CHECK(gused_idx(&e, 1) == 1);
+    struct svq_stats st;
+    svq_get_stats(e.s, 1, &st);
+    CHECK(st.packets == 1 && st.injected == 1 && st.mac_changes == 1 && !st.broken);
+    /* vq 0 (RX): the header split after 8 bytes; a device without MRG_RXBUF left num_buffers 0 */
+    uint64_t b1 = galloc(&e, 8, 16), b2 = galloc(&e, 256, 16);
+    gdesc(&e, 0, 0, b1, 8, F_WRITE | F_NEXT, 1);
+    gdesc(&e, 0, 1, b2, 256, F_WRITE, 0);
+    goffer(&e, 0, 0);
+    svq_poll(e.s);
+    int r = dpop(&e, 0);
+    uint8_t pkt[100] = {0};
+    pkt[20] = 0x77;
+    CHECK(r >= 0 && dcopy(&e, 0, r, pkt, sizeof(pkt), true) == sizeof(pkt));
+    dcomplete(&e, 0, r, sizeof(pkt));
+    svq_poll(e.s);
+    CHECK(gused_idx(&e, 0) == 1 && gptr(&e, b2)[2] == 1 && gptr(&e, b2)[3] == 0 && gptr(&e, b2)[12] == 0x77);
+    CHECK(svq_set_inject_area(e.s, NULL, 0, 0) == 0);
+    env_free(&e);
+    free(area);
+}
+
+/* A guest that rewrites an in-flight indirect RX table to point outside its memory breaks only that vq when
+ * the core goes to write num_buffers through it. */
+static void test_num_buffers_hostile_table(void)
+{
+    struct env e;
+    env_init(&e, 8, 0, SVQ_F_RX | SVQ_F_MRG_RXBUF | SVQ_F_INDIRECT, SVQ_DEV_INDIRECT | SVQ_DEV_NO_MRG_RXBUF);
+    uint64_t t = galloc(&e, 16, 16), b = galloc(&e, 128, 16);
+    struct desc one = {b, 128, F_WRITE, 0};
+    memcpy(gptr(&e, t), &one, 16);
+    gdesc(&e, 0, 0, t, 16, F_IND, 0);
+    goffer(&e, 0, 0);
+    svq_poll(e.s);
+    int r = dpop(&e, 0);
+    CHECK(r >= 0);
+    struct desc evil = {GPA + MEM_SIZE - 4, 128, F_WRITE, 0};
+    memcpy(gptr(&e, t), &evil, 16);
+    dcomplete(&e, 0, r, 64);
+    svq_poll(e.s);
+    char reason[SVQ_REASON_LEN];
+    svq_vq_error(e.s, 0, reason, sizeof(reason));
+    CHECK(broken(&e, 0) && strstr(reason, "unreachable") && gused_idx(&e, 0) == 0);
+    check_vq1_forwards(&e);
+    env_free(&e);
+}
+
+/* After a poll both sides may notify again; while the thread was busy it had asked them not to. */
+static void test_notify_flags(void)
+{
+    struct env e;
+    env_init(&e, 8, SHIFT, 0, 0);
+    wr16(e.g[0].used, 1); /* left by a passthrough device */
+    gdesc(&e, 0, 0, galloc(&e, 64, 16), 64, 0, 0);
+    goffer(&e, 0, 0);
+    CHECK(svq_poll(e.s) == 1);
+    CHECK(rd16(e.g[0].used) == 0 && rd16(e.sh[0].avail) == 0);
+    env_free(&e);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* as the daemon does */
@@ -575,6 +683,9 @@ int main(void)
         run_hostile(cases[i].name, cases[i].words, cases[i].fn, SVQ_DEV_INDIRECT, 0);
     }
     test_pipe_call_fd();
+    test_mac_inject_num_buffers();
+    test_num_buffers_hostile_table();
+    test_notify_flags();
     test_fuzz();
     if (failures) {
         fprintf(stderr, "svq_test: %d check(s) failed\n", failures);

@@ -7,7 +7,6 @@ pairs; and across 20 forced passthrough ⇄ SVQ switches while traffic flows.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,8 @@ import pytest
 import trio
 
 from vduproxy.testing.frontend import VhostUserFrontend
-from vduproxy.testing.guest import GuestMemory, VirtioNetDriver, check_frames, make_frame
+from vduproxy.testing.guest import GuestMemory, VirtioNetDriver
+from vduproxy.testing.traffic import Pump
 from vduproxy.virtio import NetF
 
 pytestmark = pytest.mark.integration
@@ -41,42 +41,6 @@ VARIANTS = [
     Variant("no-mrg+chained", BASE | NetF.RING_EVENT_IDX, rx_buf=9216, rx_layout="chained"),
     Variant("mrg+2pairs", BASE | NetF.MRG_RXBUF | NetF.RING_EVENT_IDX | NetF.MQ, pairs=2),
 ]  # fmt: skip
-
-
-class Pump:
-    """Keeps every pair's TX full and its RX drained until all frames are back."""
-
-    def __init__(self, driver: VirtioNetDriver, count: int, seed: int) -> None:
-        rng = random.Random(seed)
-        self.driver = driver
-        self.sizes = [rng.choice((60, 64, 128, 576, 1514, 4000, 9000, rng.randint(60, 9000))) for _ in range(count)]
-        self.next = 0
-        self.received: list[bytes] = []
-
-    async def run(self, timeout: float = 600) -> None:
-        d = self.driver
-        with trio.fail_after(timeout):
-            while len(self.received) < len(self.sizes):
-                progressed = False
-                for pair in range(d.pairs):
-                    d.post_rx_buffers(pair)
-                    batch = [make_frame(self.sizes[i], i) for i in range(self.next, min(self.next + 32, len(self.sizes)))]
-                    if batch:
-                        n = d.send(batch, pair)
-                        self.next += n
-                        progressed |= n > 0
-                    d.reclaim_tx(pair)
-                    got = d.receive(pair)
-                    self.received += got
-                    progressed |= bool(got)
-                if not progressed:
-                    with trio.move_on_after(0.01):
-                        await d.wait_call(d.rx(0).index)
-                await trio.lowlevel.checkpoint()
-
-    def check(self) -> None:
-        report = check_frames(range(len(self.sizes)), self.received)
-        assert report.ok, report
 
 
 async def start(sock_path: str, mem: GuestMemory, v: Variant) -> tuple[VhostUserFrontend, VirtioNetDriver]:

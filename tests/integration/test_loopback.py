@@ -11,7 +11,7 @@ import trio
 
 from vduproxy.testing.frontend import VhostUserFrontend
 from vduproxy.testing.guest import GuestMemory, VirtioNetDriver, check_frames, make_frame
-from vduproxy.virtio import NetF
+from vduproxy.virtio import VHOST_F_LOG_ALL, NetF
 
 pytestmark = pytest.mark.integration
 
@@ -72,16 +72,20 @@ async def test_restart_resumes_at_the_returned_base(proxy_at: Callable[..., Any]
                 await exchange(driver, [200] * 300, first_seq=300)
 
 
-async def test_offered_features_follow_the_device_profile(
-    proxy_at: Callable[..., Any], sock_path: str
-) -> None:
+async def test_offered_features_follow_the_device_profile(proxy_at: Callable[..., Any], sock_path: str) -> None:
     offered = {}
-    for profile in ("rich", "vdpasim"):
-        async with proxy_at(f"sim:profile={profile}"):
+    for profile, svq in (("rich", "never"), ("vdpasim", "never"), ("vdpasim", "auto")):
+        async with proxy_at(f"sim:profile={profile}", svq=svq):
             fe = await VhostUserFrontend.connect(sock_path)
             async with fe:
                 await fe.qemu72_connect()
-                offered[profile] = fe.offered_features
                 assert fe.offered_features is not None
+                offered[profile, svq] = fe.offered_features
                 assert not fe.offered_features & NetF.ACCESS_PLATFORM  # never toward QEMU
-    assert offered["rich"] & NetF.MRG_RXBUF and not offered["vdpasim"] & NetF.MRG_RXBUF
+    # passthrough only: the guest gets what the device has
+    assert offered["rich", "never"] & NetF.MRG_RXBUF and not offered["vdpasim", "never"] & NetF.MRG_RXBUF
+    # without dirty logging there is no SVQ, so nothing that would let QEMU start a migration
+    assert not offered["rich", "never"] & VHOST_F_LOG_ALL
+    # with the SVQ allowed, what it can bridge is offered on any device: a guest can move between vendors
+    assert offered["vdpasim", "auto"] & (NetF.MRG_RXBUF | NetF.RING_INDIRECT_DESC | NetF.RING_EVENT_IDX)
+    assert offered["vdpasim", "auto"] & VHOST_F_LOG_ALL

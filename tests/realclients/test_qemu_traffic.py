@@ -72,7 +72,7 @@ async def tcp_ns_to_guest(guest: QemuGuest, peer: TapPeer, port: int, log_dir: P
     assert (m[1], int(m[2])) == (sent[1], TRANSFER)
 
 
-@pytest.mark.parametrize("svq", ["never"])
+@pytest.mark.parametrize("svq", ["never", "always"])
 async def test_guest_pings_and_transfers_through_tap(
     guest_image: GuestImage, sock_dir: Path, log_dir: Path, svq: str
 ) -> None:
@@ -84,8 +84,11 @@ async def test_guest_pings_and_transfers_through_tap(
             async with open_guest(config, log_dir=log_dir) as guest:
                 marker = await guest.wait_marker(timeout=BOOT_TIMEOUT)
                 assert marker.carrier
-                await proxy.wait_event("device_started", timeout=60, vqs=[0, 1])
+                await proxy.wait_event("device_started", timeout=60, vqs=[0, 1], mode="svq" if svq == "always" else "passthrough")
                 ping = await guest.ping(20, peer.ip, timeout=120)
                 assert (ping.sent, ping.received) == (20, 20)
                 await tcp_guest_to_ns(guest, peer, 5001, log_dir)
                 await tcp_ns_to_guest(guest, peer, 5002, log_dir)
+        if svq == "always":
+            # the traffic really went through the shadow virtqueue: the proxy's C core counted it
+            assert proxy.events("device_started")[-1]["mode"] == "svq"

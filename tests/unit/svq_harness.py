@@ -33,6 +33,20 @@ _U16 = struct.Struct("<H")
 _ELEM = struct.Struct("<II")
 
 
+def store_u16(mem: memoryview, off: int, value: int) -> None:
+    """One 2-byte store, as a ring index needs when the core's thread reads it concurrently: struct.pack_into
+    clears the bytes before writing them, and a reader in between sees 0 (an index jump that breaks the vq)."""
+    mem[off : off + 2].cast("H")[0] = value & 0xFFFF
+
+
+def publish(driver: SplitRingDriver) -> None:
+    """driver.publish() with the avail idx written in one store (SplitRingDriver.publish uses pack_into, whose
+    transient 0 a running core reads as a jump). Mirrors SplitRingDriver.publish otherwise."""
+    driver.avail_idx = (driver.avail_idx + driver._pending) & 0xFFFF
+    driver._pending = 0
+    store_u16(driver.mem, driver.layout.avail_off + 2, driver.avail_idx)
+
+
 class GuestMemory:
     """The guest's RAM: one region, a bump allocator for rings, tables and buffers."""
 
@@ -120,10 +134,10 @@ class FakeDevice:
         return self._u16(self.layout.avail_off + 4 + 2 * self.num)
 
     def set_avail_event(self, value: int) -> None:
-        _U16.pack_into(self.mem, self.layout.used_off + 4 + 8 * self.num, value & 0xFFFF)
+        store_u16(self.mem, self.layout.used_off + 4 + 8 * self.num, value)
 
     def set_no_notify(self, on: bool) -> None:
-        _U16.pack_into(self.mem, self.layout.used_off, 1 if on else 0)
+        store_u16(self.mem, self.layout.used_off, 1 if on else 0)
 
     def gview(self, iova: int, size: int) -> memoryview:
         return self.guest.view(iova - self.iova_shift, size)
@@ -183,7 +197,7 @@ class FakeDevice:
         slot = self.layout.used_off + 4 + 8 * (self.used_idx % self.num)
         _ELEM.pack_into(self.mem, slot, chain.head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self.mem, self.layout.used_off + 2, self.used_idx)
+        store_u16(self.mem, self.layout.used_off + 2, self.used_idx)
 
 
 def eventfd() -> int:

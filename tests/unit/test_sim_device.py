@@ -75,7 +75,7 @@ def test_rich_profile_topology(dev: SimDevice) -> None:
     assert dev.get_vring_group(8) == 1 and dev.get_vring_group(7) == 0
     cfg = dev.get_config(0, 12)
     assert int.from_bytes(cfg[8:10], "little") == 4  # max_virtqueue_pairs
-    assert int.from_bytes(cfg[10:12], "little") == 1500
+    assert int.from_bytes(cfg[10:12], "little") == 9000  # jumbo frames for the data-path tests
     assert dev.get_backend_features() & BackendF.RESUME
 
 

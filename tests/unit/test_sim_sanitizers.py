@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+TESTS = ("test_sim_datapath.py", "test_sim_device.py", "test_sim_backpressure.py")
 
 
 def _libasan() -> str | None:
@@ -34,8 +35,16 @@ def test_sim_core_is_clean_under_asan_and_ubsan(tmp_path: pathlib.Path) -> None:
         pytest.skip("gcc with libasan not available")
     pkg = tmp_path / "vduproxy"
     shutil.copytree(ROOT / "vduproxy", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    for name in ("test_sim_datapath.py", "test_sim_device.py"):
+    for name in TESTS:
         shutil.copy2(ROOT / "tests" / "unit" / name, tmp_path / name)
+    # pytest's `pythonpath = ["."]` is relative to the ini file: with the repository's, the unsanitized tree
+    # would be imported first. A copy makes "." the temporary tree, and a probe test proves it.
+    shutil.copy2(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "test_zz_probe.py").write_text(
+        "import vduproxy.vdpa.sim as s\n\n\n"
+        "def test_sanitized_build_is_under_test():\n"
+        f"    assert s._sim_core.__file__.startswith({str(tmp_path)!r}), s._sim_core.__file__\n"
+    )
     build_env = {"PATH": "/usr/bin:/bin", "VDUPROXY_SIM_SANITIZE": "1"}
     built = subprocess.run(
         [sys.executable, "-c", "import vduproxy.vdpa._build_sim as b; b.build_inplace()"],
@@ -49,8 +58,8 @@ def test_sim_core_is_clean_under_asan_and_ubsan(tmp_path: pathlib.Path) -> None:
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=98",
     }
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
-         "--rootdir", str(tmp_path), "test_sim_datapath.py", "test_sim_device.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pyproject.toml"),
+         "--rootdir", str(tmp_path), *TESTS, "test_zz_probe.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     report = run.stdout[-4000:] + run.stderr[-4000:]

@@ -135,6 +135,7 @@ def test_shadow_ring_full_waits_for_device_then_resumes() -> None:
 
 def test_mergeable_rx_spans_buffers() -> None:
     with Rig(1) as rig:
+        # the device has MRG_RXBUF as the guest does: its num_buffers passes through untouched
         q = rig.add_queue(0, 16, gflags=GuestFlags.RX | GuestFlags.MRG_RXBUF)
         bufs = post_rx(rig, q, 6, size=128)
         rig.svq.poll()

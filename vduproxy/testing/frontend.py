@@ -37,6 +37,7 @@ from ..vhost_user.connection import FrontendConnection, ProtocolError, Reply
 from ..vhost_user.wire import (
     VHOST_VRING_F_LOG,
     Body,
+    DeviceStateTransfer,
     LogArea,
     MemoryTable,
     MemRegion,
@@ -357,15 +358,17 @@ class VhostUserFrontend:
         proto = self.offered_features & VHOST_USER_F_PROTOCOL_FEATURES
         return driver.features | proto | extra
 
-    async def qemu72_connect(self, pairs: int = 1) -> None:
-        """The init QEMU 7.2 runs when the socket connects (vhost_user_start → vhost_dev_init per pair)."""
+    async def qemu72_connect(self, pairs: int = 1, *, extra_protocol: int = 0) -> None:
+        """The init QEMU 7.2 runs when the socket connects (vhost_user_start → vhost_dev_init per pair).
+        `extra_protocol`: protocol features a newer QEMU would also ack (e.g. DEVICE_STATE, QEMU >= 8.2)."""
         self.pairs = pairs
         for pair in range(pairs):
             offered = self.offered_features = await self.get_u64(Req.GET_FEATURES)
             if offered & VHOST_USER_F_PROTOCOL_FEATURES:
                 self.offered_protocol_features = await self.get_u64(Req.GET_PROTOCOL_FEATURES)
                 await self.set_u64(
-                    Req.SET_PROTOCOL_FEATURES, self.offered_protocol_features & QEMU72_PROTOCOL_FEATURES
+                    Req.SET_PROTOCOL_FEATURES,
+                    self.offered_protocol_features & (QEMU72_PROTOCOL_FEATURES | extra_protocol),
                 )
                 if self.negotiated(ProtocolF.MQ):
                     self.queue_num = await self.get_u64(Req.GET_QUEUE_NUM)
@@ -456,6 +459,67 @@ class VhostUserFrontend:
             for vq in (driver.rx(pair), driver.tx(pair)):
                 await self.set_vring_addr(vq, log=True)
         return self.log
+
+    async def save_device_state(self) -> bytes:
+        """QEMU >= 8.2's vhost_user_set_device_state_fd(SAVE, STOPPED) + read until EOF + CHECK_DEVICE_STATE."""
+        if not self.negotiated(ProtocolF.DEVICE_STATE):
+            raise FrontendError("DEVICE_STATE was not negotiated")
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            reply = await self.request(Req.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), fds=[w])
+        finally:
+            os.close(w)
+        try:
+            assert reply is not None
+            reply.fds.close_rest()
+            if reply.u64 & 0xFF:
+                raise BackendRejected(Req.SET_DEVICE_STATE_FD, reply.u64)
+            os.set_blocking(r, False)
+            chunks = []
+            with trio.fail_after(self.reply_timeout or 30.0):
+                while True:
+                    try:
+                        chunk = os.read(r, 65536)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(r)
+                        continue
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+        finally:
+            os.close(r)
+        check = await self.get_u64(Req.CHECK_DEVICE_STATE)
+        if check != 0:
+            raise BackendRejected(Req.CHECK_DEVICE_STATE, check)
+        return b"".join(chunks)
+
+    async def load_device_state(self, blob: bytes) -> None:
+        """The destination side: SET_DEVICE_STATE_FD(LOAD, STOPPED), write the blob, close, CHECK_DEVICE_STATE."""
+        if not self.negotiated(ProtocolF.DEVICE_STATE):
+            raise FrontendError("DEVICE_STATE was not negotiated")
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            reply = await self.request(Req.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), fds=[r])
+        finally:
+            os.close(r)
+        try:
+            assert reply is not None
+            reply.fds.close_rest()
+            if reply.u64 & 0xFF:
+                raise BackendRejected(Req.SET_DEVICE_STATE_FD, reply.u64)
+            os.set_blocking(w, False)
+            view = memoryview(blob)
+            with trio.fail_after(self.reply_timeout or 30.0):
+                while view:
+                    try:
+                        view = view[os.write(w, view) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(w)
+        finally:
+            os.close(w)
+        check = await self.get_u64(Req.CHECK_DEVICE_STATE)
+        if check != 0:
+            raise BackendRejected(Req.CHECK_DEVICE_STATE, check)
 
     async def migration_cancel(self, driver: VirtioNetDriver) -> None:
         """Logging off (a cancelled migration): SET_FEATURES without LOG_ALL, addresses without the flag."""

@@ -161,3 +161,17 @@ def close_tap(fd: int) -> None:
     """Close a TAP fd, waking any task blocked in read_frame() on it (trio requires the notice)."""
     trio.lowlevel.notify_closing(fd)
     os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def open_extra_tap(peer: TapPeer) -> AsyncIterator[str]:
+    """Another TAP on `peer`'s bridge (a second host's NIC on the same LAN: a migration destination)."""
+    tap = f"vdt{unique_token()}"
+    await ip_cmd(["ip", "tuntap", "add", "mode", "tap", "name", tap])
+    try:
+        await ip_cmd(["ip", "link", "set", tap, "master", peer.bridge])
+        await ip_cmd(["ip", "link", "set", tap, "up"])
+        yield tap
+    finally:
+        with trio.CancelScope(shield=True):
+            await ip_cmd(["ip", "link", "del", tap], check=False)

@@ -9,6 +9,8 @@ Device spec: `sim[:key=value,...]` with keys
   tap=IFNAME             TAP interface for backend=tap (implies it)
   mac=02:00:00:00:00:01  overrides the profile's MAC
   busy_poll_us=N         keep polling N µs after the last work before sleeping in epoll
+  rx_full=wait|drop      loopback, RX of the pair out of buffers: the TX chain waits for RX buffers
+                         (back-pressure, nothing lost) or the frame is dropped (vdpa_sim_net's behaviour)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 ffi: Any = _sim_core.ffi
 lib: Any = _sim_core.lib
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 if lib.sim_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(f"vduproxy.vdpa._sim_core ABI {lib.sim_abi_version()} != {ABI_VERSION}: rebuild the extension")
 
@@ -98,6 +100,7 @@ class Profile:
     rx_filter: str  # "all": accept everything until the driver programs the filter; "mac": like vdpa_sim_net
     max_iotlb_entries: int
     busy_poll_us: int
+    rx_full: str  # "wait": loopback TX waits for RX buffers; "drop": the frame is dropped like vdpa_sim_net
 
     @property
     def has_cvq(self) -> bool:
@@ -118,7 +121,9 @@ _PROFILE_DEFAULTS: dict[str, Any] = {
     "rx_filter": "all",
     "max_iotlb_entries": 2048,
     "busy_poll_us": 0,
+    "rx_full": "wait",
 }
+RX_FULL_MODES = ("wait", "drop")
 _PROFILE_KEYS = {"features", *_PROFILE_DEFAULTS}
 
 
@@ -204,6 +209,8 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
             raise SimConfigError("description must be a string")
         if data["rx_filter"] not in ("all", "mac"):
             raise SimConfigError(f"rx_filter must be 'all' or 'mac', got {data['rx_filter']!r}")
+        if data["rx_full"] not in RX_FULL_MODES:
+            raise SimConfigError(f"rx_full must be 'wait' or 'drop', got {data['rx_full']!r}")
         return Profile(
             name=name,
             description=data["description"],
@@ -221,6 +228,7 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
             rx_filter=data["rx_filter"],
             max_iotlb_entries=_int(data, "max_iotlb_entries", 1, 1 << 20),
             busy_poll_us=_int(data, "busy_poll_us", 0, 1_000_000),
+            rx_full=data["rx_full"],
         )
     except SimConfigError as exc:
         if exc.message.startswith(f"profile {name}"):
@@ -259,6 +267,7 @@ class SimSpec:
     tap: str | None = None
     mac: bytes | None = None
     busy_poll_us: int | None = None
+    rx_full: str | None = None
 
     def __str__(self) -> str:
         parts = [f"profile={self.profile}", f"backend={self.backend}"]
@@ -268,10 +277,12 @@ class SimSpec:
             parts.append(f"mac={self.mac.hex(':')}")
         if self.busy_poll_us is not None:
             parts.append(f"busy_poll_us={self.busy_poll_us}")
+        if self.rx_full is not None:
+            parts.append(f"rx_full={self.rx_full}")
         return "sim:" + ",".join(parts)
 
 
-_SPEC_KEYS = ("profile", "backend", "tap", "mac", "busy_poll_us")
+_SPEC_KEYS = ("profile", "backend", "tap", "mac", "busy_poll_us", "rx_full")
 
 
 def parse_sim_spec(spec: str) -> SimSpec:
@@ -312,7 +323,10 @@ def parse_sim_spec(spec: str) -> SimSpec:
         if not 0 <= busy <= 1_000_000:
             raise SimConfigError(f"busy_poll_us must be 0..1000000, got {values['busy_poll_us']!r}")
     mac = parse_mac(values["mac"]) if "mac" in values else None
-    return SimSpec(values.get("profile", DEFAULT_PROFILE), backend, tap, mac, busy)
+    rx_full = values.get("rx_full")
+    if rx_full is not None and rx_full not in RX_FULL_MODES:
+        raise SimConfigError(f"rx_full must be 'wait' or 'drop', got {rx_full!r}")
+    return SimSpec(values.get("profile", DEFAULT_PROFILE), backend, tap, mac, busy, rx_full)
 
 
 # ---------------------------------------------------------------- device
@@ -361,6 +375,8 @@ class SimDevice:
             profile = dataclasses.replace(profile, mac=self.spec.mac)
         if self.spec.busy_poll_us is not None:
             profile = dataclasses.replace(profile, busy_poll_us=self.spec.busy_poll_us)
+        if self.spec.rx_full is not None:
+            profile = dataclasses.replace(profile, rx_full=self.spec.rx_full)
         self.profile = profile
         self.name = str(self.spec)
         self.log = log.bind(device=self.name)
@@ -382,6 +398,7 @@ class SimDevice:
         params.backend = BACKENDS[self.spec.backend]
         params.filter_mac_only = int(profile.rx_filter == "mac")
         params.busy_poll_us = profile.busy_poll_us
+        params.rx_full_wait = int(profile.rx_full == "wait")
         params.max_iotlb_entries = profile.max_iotlb_entries
         params.tap_name = (self.spec.tap or "").encode()
         ffi.memmove(params.config, self._initial_config(), CONFIG_SIZE)
@@ -390,7 +407,7 @@ class SimDevice:
         self._dev: Any = ffi.gc(out[0], lib.sim_destroy)
         self.log.info(
             "sim_opened", features=hex(profile.features), backend_features=hex(profile.backend_features),
-            pairs=self._pairs, vqs=self._nvqs, mac=profile.mac.hex(":"),
+            pairs=self._pairs, vqs=self._nvqs, mac=profile.mac.hex(":"), rx_full=profile.rx_full,
         )  # fmt: skip
 
     def _initial_config(self) -> bytes:
@@ -684,6 +701,22 @@ class SimDevice:
         self._check("vq_stats", lib.sim_vq_stats(dev, index, s))
         error = ffi.string(s.error).decode(errors="replace") if s.has_error else None
         return VqStats(s.packets, s.bytes, s.kicks, s.calls, s.faults, s.dropped, error)
+
+    def vq_waits(self, index: int) -> int:
+        """How often frames were held back for lack of RX room instead of dropped: counted on the TX vq of a
+        loopback pair (rx_full=wait) and on RX vq 0 for TAP frames; once per episode, not per retry."""
+        dev = self._handle("vq_waits")
+        self._vq("vq_waits", index)
+        s = ffi.new("struct sim_vq_stats *")
+        self._check("vq_waits", lib.sim_vq_stats(dev, index, s))
+        return int(s.waits)
+
+    def rounds(self) -> int:
+        """Processing rounds the data-path thread has run; it only runs one when woken, so an idle device's
+        count stands still (tests check a waiting queue does not spin)."""
+        out = ffi.new("uint64_t *")
+        self._check("rounds", lib.sim_rounds(self._handle("rounds"), out))
+        return int(out[0])
 
     def fault_fd(self) -> int:
         return int(lib.sim_fault_fd(self._handle("fault_fd")))

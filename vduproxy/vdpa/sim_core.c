@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -108,7 +109,11 @@ struct vq {
     int kick_fd, call_fd;
     uint64_t gen; /* IOTLB generation the ring pointers below were translated in; 0 = stale */
     uint8_t *desc, *avail, *used;
-    uint64_t packets, bytes, kicks, calls, faults, dropped;
+    uint64_t packets, bytes, kicks, calls, faults, dropped, waits;
+    /* TX of a loopback pair: the next chain waits for the pair's RX to start or have room (rx_full_wait) */
+    bool rx_wait;
+    /* RX: avail->idx when a frame last found too few buffers; more buffers after it are what a waiter needs */
+    uint16_t avail_seen;
     bool has_error;
     char error[SIM_REASON_LEN];
 };
@@ -126,6 +131,10 @@ struct sim_dev {
     bool stop;
 
     int ep, ctrl_fd, fault_fd, tap_fd;
+    bool tap_armed;   /* tap_fd is polled for input; off while RX 0 has no room, so a queued frame stays queued */
+    bool tap_blocked; /* the last TAP pass left a frame queued because RX 0 is stopped or has no room */
+    bool tap_waiting; /* ... because RX 0 has no room (counted in its `waits` once per episode) */
+    size_t tap_len;   /* length of the frame held in tap_buf (read from the TAP, not yet delivered); 0 = none */
 
     uint64_t features;
     bool driver_ok, suspended;
@@ -141,6 +150,8 @@ struct sim_dev {
     uint8_t config[SIM_CONFIG_SIZE];
     struct sim_filter filt;
 
+    uint64_t rounds; /* processing rounds run by the thread */
+
     struct sim_fault faults[SIM_FAULT_QUEUE];
     uint32_t fault_head, fault_count;
     uint64_t faults_lost;
@@ -148,7 +159,8 @@ struct sim_dev {
     /* scratch of the data path (too big for the thread stack) */
     struct chain tx, rx_first, rx_cur;
     struct iovec wv[SIM_MAX_IOV];
-    uint8_t *frame; /* SIM_MAX_FRAME: TAP reads and CVQ commands */
+    uint8_t *frame;   /* SIM_MAX_FRAME: CVQ commands */
+    uint8_t *tap_buf; /* SIM_MAX_FRAME: a TAP frame, kept across rounds while RX 0 has no room for it */
 };
 
 struct xerr {
@@ -618,6 +630,26 @@ static bool vq_has_more(struct sim_dev *d, uint32_t idx)
     return ld16_acquire(q->avail + 2) != q->last_avail;
 }
 
+/*
+ * Whether RX vq `idx` got buffers after a frame last found too few (a waiting TX chain or TAP frame can try
+ * again). With EVENT_IDX it first asks for a kick on the next buffer added after the ones that did not
+ * suffice; the full barrier between that store and the re-read pairs with the driver's barrier between
+ * publishing avail->idx and reading avail_event, so either we see the new buffers or the driver kicks.
+ * Without EVENT_IDX the driver kicks for every buffer (this device never sets VRING_USED_F_NO_NOTIFY).
+ */
+static bool rx_has_more(struct sim_dev *d, uint32_t idx)
+{
+    struct vq *q = &d->vq[idx];
+    if (!vq_running(d, idx) || q->gen != d->iotlb_gen) {
+        return false; /* every call that can start it again wakes the thread */
+    }
+    if (d->features & F_EVENT_IDX) {
+        st16(q->used + 4 + 8 * (size_t)q->num, q->avail_seen);
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return ld16_acquire(q->avail + 2) != q->avail_seen;
+}
+
 /* ---------- scatter-gather copy ---------- */
 
 struct cur {
@@ -907,19 +939,31 @@ static uint32_t process_cvq(struct sim_dev *d, uint32_t idx)
 
 /* ---------- data queues ---------- */
 
+enum rx_result {
+    RX_DONE,    /* delivered */
+    RX_DROP,    /* dropped and counted: filtered, RX faulted, a buffer that can never hold it */
+    RX_NOROOM,  /* not delivered, nothing counted: too few RX buffers right now (rq->avail_seen says how many) */
+    RX_STOPPED, /* not delivered, nothing counted: RX is not started (yet) */
+};
+
 /* Deliver one frame (from `src`, `len` bytes, `peek` = its first bytes) to RX vq `rxi`. */
-static void deliver_rx(struct sim_dev *d, uint32_t rxi, struct cur *src, size_t len, const uint8_t *peek, size_t peek_len)
+static enum rx_result deliver_rx(struct sim_dev *d, uint32_t rxi, struct cur *src, size_t len, const uint8_t *peek,
+                                 size_t peek_len)
 {
     struct vq *rq = &d->vq[rxi];
     size_t hl = hdr_len(d);
     bool mrg = (d->features & F_MRG_RXBUF) != 0;
+    enum rx_result fail = RX_DROP;
+    if (!vq_running(d, rxi) && !rq->has_error) {
+        return RX_STOPPED;
+    }
     if (!vq_running(d, rxi) || vq_refresh(d, rxi)) {
         rq->dropped++;
-        return;
+        return RX_DROP;
     }
     if (!filter_accept(d, peek, peek_len)) {
         rq->dropped++;
-        return;
+        return RX_DROP;
     }
     uint16_t start_avail = rq->last_avail, start_used = rq->used_idx;
     size_t remaining = len;
@@ -928,7 +972,15 @@ static void deliver_rx(struct sim_dev *d, uint32_t rxi, struct cur *src, size_t 
     while (first || remaining > 0) {
         uint16_t head;
         int r = vq_peek(d, rxi, &head);
-        if (r <= 0) {
+        if (r < 0) {
+            goto rollback;
+        }
+        if (r == 0) {
+            /* out of buffers; a whole ring of them not sufficing means no amount of waiting will */
+            if (nbufs < rq->num) {
+                rq->avail_seen = rq->last_avail;
+                fail = RX_NOROOM;
+            }
             goto rollback;
         }
         struct chain *c = first ? &d->rx_first : &d->rx_cur;
@@ -961,21 +1013,25 @@ static void deliver_rx(struct sim_dev *d, uint32_t rxi, struct cur *src, size_t 
     write_bytes(d->rx_first.wr, d->rx_first.n_wr, hdr, hl);
     rq->packets++;
     rq->bytes += len;
-    return;
+    return RX_DONE;
 rollback:
     /* nothing of a partial frame was published: un-take its buffers */
     rq->last_avail = start_avail;
     rq->used_idx = start_used;
-    rq->dropped++;
+    if (fail == RX_DROP) {
+        rq->dropped++;
+    }
+    return fail;
 }
 
-static void tx_one(struct sim_dev *d, uint32_t txi, struct chain *c)
+/* Send one TX chain to the back-end. False: not consumed, it waits for the pair's RX (not started, full). */
+static bool tx_one(struct sim_dev *d, uint32_t txi, struct chain *c)
 {
     struct vq *q = &d->vq[txi];
     size_t hl = hdr_len(d);
     if (c->rd_len < hl) {
         q->dropped++;
-        return;
+        return true;
     }
     size_t len = c->rd_len - hl;
     struct cur src;
@@ -985,11 +1041,11 @@ static void tx_one(struct sim_dev *d, uint32_t txi, struct chain *c)
     case SIM_BACKEND_SINK:
         q->packets++;
         q->bytes += len;
-        return;
+        return true;
     case SIM_BACKEND_LOOPBACK: {
         if (len > SIM_MAX_FRAME) {
             q->dropped++;
-            return;
+            return true;
         }
         uint8_t peek[18];
         size_t pk = len < sizeof peek ? len : sizeof peek;
@@ -997,10 +1053,18 @@ static void tx_one(struct sim_dev *d, uint32_t txi, struct chain *c)
         struct cur pd, s2 = src;
         cur_init(&pd, &ps, 1);
         cur_copy(&pd, &s2, pk);
+        enum rx_result r = deliver_rx(d, txi - 1, &src, len, peek, pk);
+        /* vdpa_sim_net leaves TX alone while RX is not ready, whatever rx_full says */
+        if (r == RX_STOPPED || (r == RX_NOROOM && d->p.rx_full_wait)) {
+            return false;
+        }
+        if (r == RX_NOROOM) {
+            /* like vdpa_sim_net: the frame is gone, its TX chain completes all the same */
+            d->vq[txi - 1].dropped++;
+        }
         q->packets++;
         q->bytes += len;
-        deliver_rx(d, txi - 1, &src, len, peek, pk);
-        return;
+        return true;
     }
     case SIM_BACKEND_TAP: {
         uint32_t n = 0;
@@ -1012,15 +1076,15 @@ static void tx_one(struct sim_dev *d, uint32_t txi, struct chain *c)
         }
         if (len > SIM_MAX_FRAME || writev(d->tap_fd, d->wv, (int)n) != (ssize_t)len) {
             q->dropped++;
-            return;
+            return true;
         }
         q->packets++;
         q->bytes += len;
-        return;
+        return true;
     }
     default:
         q->dropped++;
-        return;
+        return true;
     }
 }
 
@@ -1030,34 +1094,101 @@ static uint32_t process_tx(struct sim_dev *d, uint32_t txi)
     uint32_t done = 0;
     while (done < SIM_BUDGET) {
         uint16_t head;
-        if (vq_peek(d, txi, &head) <= 0) {
+        int r = vq_peek(d, txi, &head);
+        if (r <= 0) {
+            if (r == 0) {
+                q->rx_wait = false;
+            }
             break;
         }
         if (walk_chain(d, txi, head, &d->tx, WANT_READ)) {
             break;
         }
-        tx_one(d, txi, &d->tx);
+        if (!tx_one(d, txi, &d->tx)) {
+            /* the chain stays available (not completed, last_avail unmoved) until RX can take it */
+            if (!q->rx_wait) {
+                q->rx_wait = true;
+                q->waits++;
+            }
+            break;
+        }
+        q->rx_wait = false;
         vq_push_used(q, head, 0);
         done++;
     }
     return done;
 }
 
+static bool tap_readable(const struct sim_dev *d)
+{
+    struct pollfd p = {.fd = d->tap_fd, .events = POLLIN};
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+/*
+ * TAP → RX 0. A frame is only read when RX 0 has a buffer, and one that finds too few buffers (mergeable RX)
+ * is kept in tap_buf until more come: while RX 0 is full, frames stay in the TAP's queue, where the kernel
+ * queues and eventually drops them as it does for any slow reader. Sets d->tap_blocked when it stopped for
+ * lack of room.
+ */
 static uint32_t process_tap_rx(struct sim_dev *d)
 {
+    struct vq *rq = &d->vq[0];
     uint32_t done = 0;
+    bool was_waiting = d->tap_waiting;
+    d->tap_blocked = d->tap_waiting = false;
     while (done < SIM_BUDGET) {
-        ssize_t n = read(d->tap_fd, d->frame, SIM_MAX_FRAME);
-        if (n <= 0) {
+        if (!vq_running(d, 0) || vq_refresh(d, 0)) {
+            d->tap_blocked = true;
             break;
         }
-        struct seg s = {d->frame, (size_t)n};
+        if (d->tap_len == 0) {
+            uint16_t head;
+            int r = vq_peek(d, 0, &head);
+            if (r < 0) {
+                d->tap_blocked = true;
+                break;
+            }
+            if (r == 0) {
+                /* with nothing queued, keep polling the TAP: its next frame wakes us to start waiting */
+                rq->avail_seen = rq->last_avail;
+                d->tap_blocked = d->tap_waiting = was_waiting || tap_readable(d);
+                break;
+            }
+            ssize_t n = read(d->tap_fd, d->tap_buf, SIM_MAX_FRAME);
+            if (n <= 0) {
+                break;
+            }
+            d->tap_len = (size_t)n;
+        }
+        struct seg s = {d->tap_buf, d->tap_len};
         struct cur src;
         cur_init(&src, &s, 1);
-        deliver_rx(d, 0, &src, (size_t)n, d->frame, (size_t)n);
+        enum rx_result res = deliver_rx(d, 0, &src, d->tap_len, d->tap_buf, d->tap_len);
+        if (res == RX_NOROOM || res == RX_STOPPED) {
+            d->tap_blocked = true;
+            d->tap_waiting = res == RX_NOROOM;
+            break;
+        }
+        d->tap_len = 0;
         done++;
     }
+    if (d->tap_waiting && !was_waiting) {
+        rq->waits++;
+    }
     return done;
+}
+
+/* Poll the TAP only while its frames have somewhere to go: a readable fd nobody reads would spin epoll. */
+static void tap_arm(struct sim_dev *d, bool on)
+{
+    if (d->tap_fd < 0 || d->tap_armed == on) {
+        return;
+    }
+    struct epoll_event e = {.events = on ? EPOLLIN : 0, .data.u64 = EV_DATA(EV_TAP, 0)};
+    if (epoll_ctl(d->ep, EPOLL_CTL_MOD, d->tap_fd, &e) == 0) {
+        d->tap_armed = on;
+    }
 }
 
 /* One bounded pass over every queue. Returns chains processed; *more when work is left over. */
@@ -1093,18 +1224,36 @@ static uint32_t run_round(struct sim_dev *d, bool *more)
             *more = true;
         }
     }
-    for (uint32_t i = 0; i < d->nvqs; i++) {
+    /*
+     * TX completions first: a looped frame must not reach the driver before the TX slot it left is free
+     * again. A driver forwarding what it receives (testpmd io) would otherwise find its TX ring full for a
+     * moment and drop the frame, and a closed loop loses a few frames that way until none are left.
+     */
+    for (uint32_t i = 1; i < 2 * d->p.pairs; i += 2) {
         vq_flush(d, i);
     }
-    if (!*more) {
-        for (uint32_t i = 1; i < d->nvqs; i++) {
-            bool consumer = (i & 1) || (int)i == d->cvq_index;
-            if (consumer && vq_has_more(d, i)) {
-                *more = true;
-                break;
-            }
+    for (uint32_t i = 0; i < d->nvqs; i++) {
+        if (!(i & 1) || (int)i == d->cvq_index) {
+            vq_flush(d, i);
         }
     }
+    /* Before sleeping, ask for the kicks that restart each stopped consumer and re-check after a barrier. */
+    if (!*more) {
+        for (uint32_t i = 1; i < 2 * d->p.pairs && !*more; i += 2) {
+            if (!vq_running(d, i)) {
+                continue; /* also when it stopped while waiting: its RX gaining buffers is no reason to run */
+            }
+            /* a TX vq waiting for RX room needs RX buffers, not TX kicks: re-checking its avail would spin */
+            *more = d->vq[i].rx_wait ? rx_has_more(d, i - 1) : vq_has_more(d, i);
+        }
+        if (!*more && d->cvq_index >= 0) {
+            *more = vq_has_more(d, (uint32_t)d->cvq_index);
+        }
+        if (!*more && d->tap_fd >= 0 && d->tap_blocked) {
+            *more = rx_has_more(d, 0);
+        }
+    }
+    tap_arm(d, !d->tap_blocked);
     return total;
 }
 
@@ -1150,6 +1299,7 @@ static void *thread_main(void *arg)
                 drain_fd(d->vq[idx].kick_fd, &d->vq[idx].kicks);
             }
         }
+        d->rounds++;
         uint32_t done = run_round(d, &more);
         if (done) {
             last_progress = now_us();
@@ -1168,7 +1318,8 @@ static void vq_reset_state(struct sim_dev *d, struct vq *q)
     q->num = d->p.ring_max;
     q->desc_iova = q->avail_iova = q->used_iova = 0;
     q->addr_set = q->enabled = q->started = false;
-    q->last_avail = q->used_idx = q->used_pub = 0;
+    q->last_avail = q->used_idx = q->used_pub = q->avail_seen = 0;
+    q->rx_wait = false;
     q->gen = 0;
     q->desc = q->avail = q->used = NULL;
     q->has_error = false;
@@ -1196,6 +1347,7 @@ static void dev_free(struct sim_dev *d)
         iotlb_free(&d->stage[i]);
     }
     free(d->frame);
+    free(d->tap_buf);
     pthread_cond_destroy(&d->cv);
     pthread_mutex_destroy(&d->mu);
     free(d);
@@ -1269,7 +1421,8 @@ int sim_create(const struct sim_params *params, struct sim_dev **out)
         rc = -errno;
     }
     if (!rc && p->backend == SIM_BACKEND_TAP) {
-        d->tap_fd = tap_open(p->tap_name);
+        d->tap_buf = malloc(SIM_MAX_FRAME);
+        d->tap_fd = d->tap_buf ? tap_open(p->tap_name) : -ENOMEM;
         if (d->tap_fd < 0) {
             rc = d->tap_fd;
             d->tap_fd = -1;
@@ -1280,6 +1433,7 @@ int sim_create(const struct sim_params *params, struct sim_dev **out)
     }
     if (!rc && d->tap_fd >= 0) {
         rc = epoll_add(d->ep, d->tap_fd, EV_DATA(EV_TAP, 0));
+        d->tap_armed = rc == 0;
     }
     if (!rc) {
         /* the thread must not take Python's signals (SIGINT, SIGPIPE from a dead call fd): block them all */
@@ -1320,6 +1474,8 @@ int sim_set_features(struct sim_dev *d, uint64_t features)
     api_lock(d);
     d->features = features;
     d->iotlb_gen++; /* ring sizes depend on EVENT_IDX */
+    /* virtio 1.3 5.1.6.5.6.2 (and QEMU): every negotiated guest offload is on until GUEST_OFFLOADS_SET */
+    d->filt.guest_offloads = features & GUEST_OFFLOAD_MASK;
     api_unlock(d);
     return 0;
 }
@@ -1490,7 +1646,8 @@ int sim_set_vring_base(struct sim_dev *d, uint32_t index, uint32_t base)
     } else {
         struct vq *q = &d->vq[index];
         /* split rings complete in order here, so the used index restarts where avail does */
-        q->last_avail = q->used_idx = q->used_pub = (uint16_t)base;
+        q->last_avail = q->used_idx = q->used_pub = q->avail_seen = (uint16_t)base;
+        q->rx_wait = false;
     }
     api_unlock(d);
     return rc;
@@ -1689,6 +1846,7 @@ int sim_vq_stats(struct sim_dev *d, uint32_t index, struct sim_vq_stats *out)
     out->calls = q->calls;
     out->faults = q->faults;
     out->dropped = q->dropped;
+    out->waits = q->waits;
     out->has_error = q->has_error;
     memcpy(out->error, q->error, sizeof out->error);
     api_unlock(d);
@@ -1714,6 +1872,14 @@ int sim_filter_state(struct sim_dev *d, struct sim_filter *out)
     api_lock(d);
     *out = d->filt;
     memcpy(out->mac, d->config, 6);
+    api_unlock(d);
+    return 0;
+}
+
+int sim_rounds(struct sim_dev *d, uint64_t *out)
+{
+    api_lock(d);
+    *out = d->rounds;
     api_unlock(d);
     return 0;
 }

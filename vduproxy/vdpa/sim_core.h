@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define SIM_ABI_VERSION 1
+#define SIM_ABI_VERSION 2
 
 #define SIM_MAX_VQS 65 /* 32 queue pairs + CVQ */
 #define SIM_MAX_AS 4
@@ -43,6 +43,7 @@ struct sim_params {
     uint32_t filter_mac_only; /* reset filter like vdpa_sim_net (unicast by MAC) instead of promiscuous */
     uint32_t busy_poll_us;   /* keep polling this long after the last progress before sleeping; 0 = off */
     uint32_t max_iotlb_entries; /* per address space */
+    uint32_t rx_full_wait;   /* loopback, RX out of buffers: TX waits for more (1) or the frame is dropped (0) */
     char tap_name[SIM_TAP_NAME_LEN]; /* interface name for SIM_BACKEND_TAP */
     uint8_t config[SIM_CONFIG_SIZE]; /* initial struct virtio_net_config, little endian */
 };
@@ -54,6 +55,7 @@ struct sim_vq_stats {
     uint64_t calls;
     uint64_t faults;
     uint64_t dropped;
+    uint64_t waits; /* times frames were held for lack of RX room: TX vq (loopback, rx_full_wait), RX 0 (TAP) */
     uint32_t has_error;
     char error[SIM_REASON_LEN];
 };
@@ -117,5 +119,7 @@ int sim_vq_stats(struct sim_dev *dev, uint32_t index, struct sim_vq_stats *out);
 /* 1 and *out filled when a fault was pending, 0 when none */
 int sim_take_fault(struct sim_dev *dev, struct sim_fault *out);
 int sim_filter_state(struct sim_dev *dev, struct sim_filter *out);
+/* processing rounds the thread has run: each wake-up is one, so an idle device's count stands still */
+int sim_rounds(struct sim_dev *dev, uint64_t *out);
 
 #endif
