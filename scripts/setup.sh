@@ -28,8 +28,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+.venv/bin/python -m pip install -q -e '.[test,bench]'
 # Editable installs do not always leave the compiled cores beside the sources: build them in place explicitly.
 # Remove stale copies first: a module built another way (other suffix) would shadow the fresh one on import.
 find vduproxy -name '_*_core*.so' -delete

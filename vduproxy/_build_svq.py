@@ -30,11 +30,20 @@ def cdef_text() -> str:
 
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text())
+def _setup_relative(path: pathlib.Path) -> str:
+    """setuptools refuses absolute source paths in a wheel/editable build (which runs from the project root);
+    a direct compile from elsewhere keeps the absolute path."""
+    try:
+        return str(path.relative_to(pathlib.Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 ffibuilder.set_source(
     "vduproxy._svq_core",
     '#include "svq_core.h"\n',
     # absolute: FFI.compile() runs the compiler from its tmpdir, setuptools from the project root
-    sources=[str(_SOURCE)],
+    sources=[_setup_relative(_SOURCE)],
     include_dirs=[str(_HERE)],
     extra_compile_args=CFLAGS,
     extra_link_args=["-pthread"],

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket-mode", type=_mode, default=None, help="octal permissions of the socket (0600)")
     s.add_argument("--socket-group", default=None, help="group owning the socket (e.g. the QEMU user's group)")
     s.add_argument(
+        "--restore-state", default=None, metavar="FILE",
+        help="a migration state blob (vduproxy state save) replayed into the device before its data queues start",
+    )  # fmt: skip
+    s.add_argument(
         "--control",
         default=None,
         help=f"control socket; 'none' disables it (default: the config's, else {DEFAULT_CONTROL}; "
@@ -193,7 +197,7 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------------------------ serve
 
-_PAIR_FLAGS = ("socket", "device", "mac", "queues", "svq", "socket_mode", "socket_group")
+_PAIR_FLAGS = ("socket", "device", "mac", "queues", "svq", "socket_mode", "socket_group", "restore_state")
 
 
 def daemon_config(args: argparse.Namespace) -> DaemonConfig:
@@ -223,6 +227,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         client=args.client,
         socket_mode=0o600 if args.socket_mode is None else args.socket_mode,
         socket_group=args.socket_group,
+        restore_state=args.restore_state,
     )
     return DaemonConfig(pairs=(pair,), control=control, metrics=args.metrics)
 

@@ -34,7 +34,7 @@ MAX_SOCKET_PATH = 107
 MAX_PAIRS = 256
 
 _DAEMON_KEYS = {"control", "metrics"}
-_PAIR_KEYS = {"socket", "device", "svq", "mac", "queues", "client", "socket_mode", "socket_group"}
+_PAIR_KEYS = {"socket", "device", "svq", "mac", "queues", "client", "socket_mode", "socket_group", "restore_state"}
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,7 @@ class PairConfig:
     client: bool = False
     socket_mode: int = 0o600
     socket_group: str | None = None
+    restore_state: str | None = None  # a migration state blob to replay before the first data queue starts
 
     def describe(self) -> dict[str, object]:
         """JSON-safe view (stats, logs)."""
@@ -167,7 +168,10 @@ def _pair(name: str, raw: object) -> PairConfig:
     group = raw.get("socket_group")
     if group is not None:
         group = _str(f"{where}.socket_group", group)
-    return PairConfig(name, socket, device, svq, mac, queues, client, mode, group)
+    restore = raw.get("restore_state")
+    if restore is not None:
+        restore = _str(f"{where}.restore_state", restore)
+    return PairConfig(name, socket, device, svq, mac, queues, client, mode, group, restore)
 
 
 def config_from_dict(raw: dict[str, Any]) -> DaemonConfig:

@@ -123,6 +123,17 @@ class Daemon:
                 self._fail(pair, f"device {cfg.device}: {describe_error(exc)}")
                 return
             log.info("device_ready", device=pair.device_desc)
+            if cfg.restore_state is not None:
+                try:
+                    session = pair.factory.session
+                    if session is None:
+                        raise ValueError("this pair has no device to restore into")
+                    with open(cfg.restore_state, "rb") as f:
+                        session.load_state(f.read())  # refused here when the device cannot honour it
+                except Exception as exc:
+                    pair.factory.close()
+                    self._fail(pair, f"restore state {cfg.restore_state}: {describe_error(exc)}")
+                    return
             if self.print_qemu_args:
                 from .cli import qemu_args
 

@@ -291,3 +291,42 @@ async def test_cli_stats_against_the_daemon(run_dir: Path, restore_logging: None
         [sys.executable, "-m", "vduproxy", "stats", "--control", ctl], capture_stderr=True, check=False
     )
     assert res.returncode == 1 and b"no vduproxy daemon" in res.stderr
+
+
+async def test_serve_restore_state_file_replays_into_the_device(tmp_path: Path) -> None:
+    """`serve --restore-state FILE`: the blob is checked at start-up (a corrupt one fails the pair loudly) and a
+    good one is replayed through the device's CVQ when the front-end starts the rings."""
+    from vduproxy.migration.compat import device_summary
+    from vduproxy.migration.state import DeviceState
+    from vduproxy.testing.guest import GUEST_MAC, GuestMemory, VirtioNetDriver
+    from vduproxy.testing.proxy import open_proxy
+    from vduproxy.vdpa.factory import open_device
+    from vduproxy.virtio import NetF
+
+    dev = open_device("sim:profile=vdpasim")
+    try:
+        summary = device_summary(dev)
+    finally:
+        dev.close()
+    good = DeviceState(
+        guest_features=int(NetF.VERSION_1), mac=GUEST_MAC, config_mac=summary.mac or bytes(6), source=summary
+    ).to_bytes()
+    (tmp_path / "good.state").write_bytes(good)
+    (tmp_path / "bad.state").write_bytes(good[:-3])
+    sock = tmp_path / "r.sock"
+    async with open_proxy(sock, "sim:profile=vdpasim", ["--restore-state", str(tmp_path / "bad.state")],
+                          wait_listening=False) as proxy:  # fmt: skip
+        failed = await proxy.wait_event("pair_failed", timeout=30)
+        assert "restore state" in failed["error"]
+    async with open_proxy(sock, "sim:profile=vdpasim", ["--restore-state", str(tmp_path / "good.state")]) as proxy:
+        from vduproxy.testing.frontend import VhostUserFrontend
+
+        with GuestMemory(32 << 20) as mem:
+            fe = await VhostUserFrontend.connect(str(sock))
+            async with fe:
+                await fe.qemu72_connect()
+                await fe.qemu72_start(VirtioNetDriver(mem, queue_size=256))
+                restored = await proxy.wait_event("device_state_restored", timeout=30)
+                assert restored["mac"] == GUEST_MAC.hex(":")
+                cvq = proxy.events("cvq_command")
+                assert cvq and (cvq[0]["cls"], cvq[0]["cmd"], cvq[0]["ack"]) == ("MAC", "ADDR_SET", "ok")

@@ -64,7 +64,10 @@ async def migrate(src: QemuGuest, dst: QemuGuest, port: int, pings: Pings, dst_p
     last = pings.last_seq()
     lost = pings.lost_between(first, last)
     assert last - first >= int(AFTER / INTERVAL) - 10, "the pinger stopped"
-    assert len(lost) <= MAX_LOST, f"{len(lost)} pings lost around the switchover: seq {lost}"
+    assert len(lost) <= MAX_LOST, (
+        f"{len(lost)} pings lost around the switchover: seq {lost}; QEMU: downtime {info.get('downtime')} ms, "
+        f"total {info.get('total-time')} ms"
+    )
     # and the pings in the last 25 s all came back: traffic really continues on the destination
     tail = pings.lost_between(last - int(25 / INTERVAL), last - 5)
     assert not tail, f"pings lost well after the switchover: {tail}"

@@ -35,10 +35,19 @@ _EXTRA = _SANITIZE if os.environ.get("VDUPROXY_SIM_SANITIZE") == "1" else []
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header(_HEADER.read_text()))
+def _setup_relative(path: pathlib.Path) -> str:
+    """setuptools refuses absolute source paths in a wheel/editable build (which runs from the project root);
+    a direct compile from elsewhere keeps the absolute path."""
+    try:
+        return str(path.relative_to(pathlib.Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 ffibuilder.set_source(
     "vduproxy.vdpa._sim_core",
     '#include "sim_core.h"\n',
-    sources=[str(_SOURCE)],
+    sources=[_setup_relative(_SOURCE)],
     include_dirs=[str(_HERE)],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", *_EXTRA],
     extra_link_args=_EXTRA,

@@ -94,10 +94,11 @@ def device_mac(device: str) -> bytes:
         dev.close()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 async def device_mac_kept(device: str, sock_path: str) -> AsyncIterator[None]:
     """A kernel device keeps a programmed MAC across resets and opens (a sim is new at every open): put back
-    the MAC it had, so each test starts from the device's configured one."""
+    the MAC it had, so each test starts from the device's configured one. Every test that starts rings asks
+    for it by name: pytest-trio runs an async fixture only when the test names it (autouse is ignored)."""
     if device.startswith("sim"):
         yield
         return
@@ -254,7 +255,9 @@ def assert_exact_bases(bases: dict[int, int], driver: VirtioNetDriver) -> None:
 
 
 @pytest.mark.parametrize("svq", ["never", "always"])
-async def test_loopback_byte_exact(device: str, sock_path: str, mem: GuestMemory, svq: str) -> None:
+async def test_loopback_byte_exact(
+    device: str, sock_path: str, mem: GuestMemory, device_mac_kept: None, svq: str
+) -> None:
     """The guest's MAC given with --mac; frames to it, more than the ring holds, three times over: all back
     through the device's unicast filter, intact, once each, in order; the stop hands back exact bases."""
     count = 3 * RING + 17  # indices wrap the 256-entry rings
@@ -270,7 +273,9 @@ async def test_loopback_byte_exact(device: str, sock_path: str, mem: GuestMemory
 
 
 @pytest.mark.parametrize("svq", ["never", "always"])
-async def test_traffic_right_after_start_is_not_lost(device: str, sock_path: str, mem: GuestMemory, svq: str) -> None:
+async def test_traffic_right_after_start_is_not_lost(
+    device: str, sock_path: str, mem: GuestMemory, device_mac_kept: None, svq: str
+) -> None:
     """A guest queues frames and kicks as soon as QEMU's start messages are out, while the proxy may still be
     configuring the device (the last messages have no reply). vdpa_sim_net looks at a ring only when kicked,
     so a kick that lands during that window must not be lost: every frame still comes back."""
@@ -288,7 +293,7 @@ MAC_CASES = [("--mac", "never"), ("--mac", "always"), ("send_rarp", "never"), ("
 
 @pytest.mark.parametrize(("source", "svq"), MAC_CASES, ids=[f"{s}-{m}" for s, m in MAC_CASES])
 async def test_proxy_programs_the_guest_mac_through_the_cvq(
-    device: str, sock_path: str, mem: GuestMemory, svq: str, source: str
+    device: str, sock_path: str, mem: GuestMemory, device_mac_kept: None, svq: str, source: str
 ) -> None:
     """The guest's MAC, from --mac, from a SEND_RARP that arrives before the rings (QEMU's order on a
     migration destination) or learned from the guest's own frames (SVQ only), is set with MAC_ADDR_SET on the
@@ -361,7 +366,7 @@ def check_cvq_trace(session: DeviceSession, logs: list[dict[str, Any]], mac: byt
 
 @pytest.mark.parametrize("svq", ["never", "always"])
 async def test_stop_with_frames_in_flight_returns_exact_bases(
-    device: str, sock_path: str, mem: GuestMemory, svq: str
+    device: str, sock_path: str, mem: GuestMemory, device_mac_kept: None, svq: str
 ) -> None:
     """QEMU stops the back-end while TX is still queued: the proxy suspends the device and answers
     GET_VRING_BASE with exactly what was completed; restarted at those bases, the rest goes out, so every
@@ -420,7 +425,9 @@ def changed_pages(mem: GuestMemory, before: bytes) -> set[int]:
     return changed
 
 
-async def test_dirty_log_covers_every_page_the_device_wrote(device: str, sock_path: str, mem: GuestMemory) -> None:
+async def test_dirty_log_covers_every_page_the_device_wrote(
+    device: str, sock_path: str, mem: GuestMemory, device_mac_kept: None
+) -> None:
     """QEMU's migration start on the source (SET_LOG_BASE, SET_FEATURES with LOG_ALL, ring addresses with the
     log flag): the proxy switches the device to SVQ, and every guest page the device changed afterwards (RX
     buffers, used rings) is marked in the dirty log."""
