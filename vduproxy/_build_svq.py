@@ -7,6 +7,7 @@ from the header. Used by setup.py (`cffi_modules`) and, in development, by
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from cffi import FFI
@@ -31,8 +32,10 @@ def cdef_text() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text())
 def _setup_relative(path: pathlib.Path) -> str:
-    """setuptools refuses absolute source paths in a wheel/editable build (which runs from the project root);
-    a direct compile from elsewhere keeps the absolute path."""
+    """setuptools refuses absolute source paths in a wheel/editable build (which runs from the project root, and
+    setup.py says so); a direct ffibuilder.compile() changes into its tmpdir, so it needs the absolute path."""
+    if os.environ.get("VDUPROXY_SETUPTOOLS_BUILD") != "1":
+        return str(path)
     try:
         return str(path.relative_to(pathlib.Path.cwd().resolve()))
     except ValueError:

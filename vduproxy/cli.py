@@ -8,6 +8,7 @@ mode      force the shadow virtqueue on (svq), off (passthrough), or back to the
 devices   /dev/vhost-vdpa-* (in use or not) and the software device's profiles
 inspect   everything one device reports
 compat    would a guest (state blob or profile) work on a destination device?
+demo      `demo migrate`: a QEMU guest live-migrating between two daemons on this machine, as a timeline
 """
 
 from __future__ import annotations
@@ -176,7 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="a state blob file, or a sim profile name / .toml")
     c.add_argument("dest", help="a device spec (/dev/vhost-vdpa-N, sim:...) or a sim profile name / .toml")
     c.add_argument("--json", action="store_true")
+
+    dm = sub.add_parser("demo", help="self-contained demonstrations (root; QEMU and iproute2 needed)")
+    dm_sub = dm.add_subparsers(dest="demo", required=True)
+    dmm = dm_sub.add_parser(
+        "migrate",
+        help="live-migrate a QEMU guest between two daemons on two sim profiles while it is pinged; print a timeline",
+    )
+    dmm.add_argument(
+        "--keep-going", type=_seconds, default=10.0, metavar="SECONDS",
+        help="seconds of pings after each switchover (10)",
+    )  # fmt: skip
+    dmm.add_argument("--back", action="store_true", help="migrate back to the first daemon as well")
+    dmm.add_argument("--json", action="store_true", help="print the timeline as JSON (progress stays on stderr)")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be 0..3600 seconds, got {text}")
+    return value
 
 
 def qemu_args(socket: str, mac: str = "52:54:00:12:34:56", mem: str = "512M") -> str:
@@ -606,4 +630,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_inspect(args)
     if args.command == "compat":
         return _run_compat(args)
+    if args.command == "demo":
+        from .demo import DemoOptions, run_migrate
+
+        if args.log_level == "info":
+            # The demo narrates each step itself; the test bed's info lines (every process started, every
+            # namespace created) would drown that. `--log-level debug` brings them back.
+            configure("warning", json=None if fmt == "auto" else fmt == "json")
+        return run_migrate(DemoOptions(keep_going=args.keep_going, back=args.back, json=args.json))
     return 2

@@ -390,6 +390,7 @@ class DeviceDataPlane:
             await self._reconfigure("rarp injection")
         try:
             assert self.svq is not None
+            done_before = self.svq.stats(tx[0]).injected
             for attempt in range(50):
                 try:
                     self.svq.inject_tx(tx[0], rarp_frame(mac), hdr_len=NET_HDR_LEN_DEVICE)
@@ -398,13 +399,16 @@ class DeviceDataPlane:
                     if exc.errno != errno.EAGAIN or attempt == 49:
                         raise
                     await trio.sleep(0.002)
+            # the frame is the device's once it completes it; only then may the rings move (a transient switch)
+            with trio.move_on_after(0.5):
+                while self.svq.stats(tx[0]).injected == done_before:
+                    await trio.sleep(0.001)
             self.pending_rarp = None
             self.log.info("rarp_sent", mac=mac.hex(":"), vq=tx[0])
         except SvqError as exc:
             self.log.error("rarp_failed", mac=mac.hex(":"), error=str(exc))
         finally:
             if transient:
-                await trio.sleep(0.01)  # let the device send it before the rings move back
                 self.transient_shadow = False
                 await self._reconfigure("rarp injected")
 
@@ -679,13 +683,25 @@ class DeviceDataPlane:
         dev_flags = (DevFlags.EVENT_IDX if features & NetF.RING_EVENT_IDX else 0) | (
             DevFlags.INDIRECT if features & NetF.RING_INDIRECT_DESC else 0
         )
+        # num_buffers: written by the SVQ (1) for a device without MRG_RXBUF under a guest that has it; a device
+        # merging buffers under a guest that cannot is refused by the SVQ.
+        guest_mrg = bool(self.guest_features & NetF.MRG_RXBUF)
+        dev_mrg = bool(features & NetF.MRG_RXBUF)
+        rx_flags = (
+            DevFlags.NO_MRG_RXBUF
+            if guest_mrg and not dev_mrg
+            else DevFlags.MRG_RXBUF
+            if dev_mrg and not guest_mrg
+            else 0
+        )
         for idx, sh in sorted(self.shadows.items()):
             ring = self.rings[idx]
             lay = sh.layout
             base_local = self.area.local
             self.svq.attach_shadow(
                 idx, num=sh.num, desc=base_local + lay.desc_off, avail=base_local + lay.avail_off,
-                used=base_local + lay.used_off, base=ring.base, kick_fd=sh.kick, call_fd=sh.call, flags=dev_flags,
+                used=base_local + lay.used_off, base=ring.base, kick_fd=sh.kick, call_fd=sh.call,
+                flags=dev_flags | (rx_flags if idx % 2 == 0 else 0),
             )  # fmt: skip
             dev.set_vring_num(idx, sh.num)
             dev.set_vring_addr(
@@ -704,6 +720,8 @@ class DeviceDataPlane:
             (GuestFlags.EVENT_IDX if g & NetF.RING_EVENT_IDX else 0)
             | (GuestFlags.INDIRECT if g & NetF.RING_INDIRECT_DESC else 0)
             | (GuestFlags.MRG_RXBUF if g & NetF.MRG_RXBUF else 0)
+            # the guest's virtio-net header: 12 bytes with VERSION_1 or MRG_RXBUF, else 10 (where the MAC starts)
+            | (GuestFlags.NET_HDR_12 if g & (NetF.VERSION_1 | NetF.MRG_RXBUF) else 0)
         )
         logging = bool(g & VHOST_F_LOG_ALL) and self.log_mm is not None
         assert self.area is not None
@@ -734,6 +752,13 @@ class DeviceDataPlane:
             self.cvq = None
 
     async def _after_driver_ok(self, features: int) -> None:
+        if not self.shadow_active:
+            # A device that only looks at a ring when kicked (kernel vdpa_sim_net) drops kicks that came while the
+            # queue was not ready — the guest may have kicked during the reconfiguration: kick once on its behalf.
+            for ring in self.configured.values():
+                if ring.kick_fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_write(ring.kick_fd, 1)
         if self.pending_rarp is not None and not self.transient_shadow and any(i % 2 == 1 for i in self.configured):
             self._nursery_soon(self._send_pending_rarp)
         if self.cvq is None:

@@ -11,7 +11,6 @@ import trio
 from vduproxy import server
 from vduproxy.dataplane import open_dataplane_factory
 
-
 _sessions: list[Any] = []
 
 

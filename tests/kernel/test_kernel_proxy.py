@@ -1,10 +1,11 @@
 """Tier 4: the proxy itself against kernel vdpa_sim_net (/dev/vhost-vdpa-0) in the TCG guest.
 
 One boot runs tests/kernel/inner/test_proxy_inner.py there with the device set to the kernel's: the Python
-front-end replays QEMU 7.2 against the proxy, in passthrough and SVQ modes (loopback byte for byte, the MAC
-programmed through the CVQ, a stop with frames in flight, the dirty log during a migration). The same module
-runs on the host against `sim:profile=vdpasim` in tier 2. `VDUPROXY_KERNEL_PYTEST_ARGS` adds arguments to the
-inner run (e.g. `-x`, or `-k loopback`).
+front-end replays QEMU 7.2 against the proxy, in passthrough and SVQ modes (loopback byte for byte, frames
+queued while the proxy is still starting, the MAC programmed through the CVQ from --mac / SEND_RARP / the
+guest's frames, SUSPEND and exact GET_VRING_BASE with frames in flight, the dirty log during a migration).
+The same module runs on the host against `sim:profile=vdpasim` in tier 2. `VDUPROXY_KERNEL_PYTEST_ARGS` adds
+arguments to the inner run (e.g. `-x`, or `-k loopback`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ RUN_TIMEOUT_S = 1200
 # Every inner test, so a test that silently stopped being collected is noticed.
 INNER_TESTS = (
     "test_loopback_byte_exact",
+    "test_traffic_right_after_start_is_not_lost",
     "test_proxy_programs_the_guest_mac_through_the_cvq",
     "test_stop_with_frames_in_flight_returns_exact_bases",
     "test_dirty_log_covers_every_page_the_device_wrote",

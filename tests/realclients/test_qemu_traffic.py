@@ -84,7 +84,9 @@ async def test_guest_pings_and_transfers_through_tap(
             async with open_guest(config, log_dir=log_dir) as guest:
                 marker = await guest.wait_marker(timeout=BOOT_TIMEOUT)
                 assert marker.carrier
-                await proxy.wait_event("device_started", timeout=60, vqs=[0, 1], mode="svq" if svq == "always" else "passthrough")
+                await proxy.wait_event(
+                    "device_started", timeout=60, vqs=[0, 1], mode="svq" if svq == "always" else "passthrough"
+                )
                 ping = await guest.ping(20, peer.ip, timeout=120)
                 assert (ping.sent, ping.received) == (20, 20)
                 await tcp_guest_to_ns(guest, peer, 5001, log_dir)

@@ -36,8 +36,10 @@ _EXTRA = _SANITIZE if os.environ.get("VDUPROXY_SIM_SANITIZE") == "1" else []
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header(_HEADER.read_text()))
 def _setup_relative(path: pathlib.Path) -> str:
-    """setuptools refuses absolute source paths in a wheel/editable build (which runs from the project root);
-    a direct compile from elsewhere keeps the absolute path."""
+    """setuptools refuses absolute source paths in a wheel/editable build (which runs from the project root, and
+    setup.py says so); a direct ffibuilder.compile() changes into its tmpdir, so it needs the absolute path."""
+    if os.environ.get("VDUPROXY_SETUPTOOLS_BUILD") != "1":
+        return str(path)
     try:
         return str(path.relative_to(pathlib.Path.cwd().resolve()))
     except ValueError:

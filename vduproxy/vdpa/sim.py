@@ -11,6 +11,8 @@ Device spec: `sim[:key=value,...]` with keys
   busy_poll_us=N         keep polling N µs after the last work before sleeping in epoll
   rx_full=wait|drop      loopback, RX of the pair out of buffers: the TX chain waits for RX buffers
                          (back-pressure, nothing lost) or the frame is dropped (vdpa_sim_net's behaviour)
+  fault=KIND@TARGET[+...]  faults injected at open, for tests (see `SimDevice.inject_fault`):
+                         iotlb_miss@vqN, stuck@vqN, ioctl@OP (OP fails once), vanish@device
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 ffi: Any = _sim_core.ffi
 lib: Any = _sim_core.lib
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 if lib.sim_abi_version() != ABI_VERSION:  # pragma: no cover - stale build
     raise ImportError(f"vduproxy.vdpa._sim_core ABI {lib.sim_abi_version()} != {ABI_VERSION}: rebuild the extension")
 
@@ -268,6 +270,7 @@ class SimSpec:
     mac: bytes | None = None
     busy_poll_us: int | None = None
     rx_full: str | None = None
+    faults: tuple[tuple[str, str], ...] = ()  # (kind, target) injected at open
 
     def __str__(self) -> str:
         parts = [f"profile={self.profile}", f"backend={self.backend}"]
@@ -279,10 +282,12 @@ class SimSpec:
             parts.append(f"busy_poll_us={self.busy_poll_us}")
         if self.rx_full is not None:
             parts.append(f"rx_full={self.rx_full}")
+        if self.faults:
+            parts.append("fault=" + "+".join(f"{kind}@{target}" for kind, target in self.faults))
         return "sim:" + ",".join(parts)
 
 
-_SPEC_KEYS = ("profile", "backend", "tap", "mac", "busy_poll_us", "rx_full")
+_SPEC_KEYS = ("profile", "backend", "tap", "mac", "busy_poll_us", "rx_full", "fault")
 
 
 def parse_sim_spec(spec: str) -> SimSpec:
@@ -326,7 +331,32 @@ def parse_sim_spec(spec: str) -> SimSpec:
     rx_full = values.get("rx_full")
     if rx_full is not None and rx_full not in RX_FULL_MODES:
         raise SimConfigError(f"rx_full must be 'wait' or 'drop', got {rx_full!r}")
-    return SimSpec(values.get("profile", DEFAULT_PROFILE), backend, tap, mac, busy, rx_full)
+    faults = _parse_faults(values["fault"]) if "fault" in values else ()
+    return SimSpec(values.get("profile", DEFAULT_PROFILE), backend, tap, mac, busy, rx_full, faults)
+
+
+# ---------------------------------------------------------------- fault injection (tests only)
+
+# kind -> what its target names: a vq index, a device operation, or the whole device
+FAULT_KINDS = {"iotlb_miss": "vq", "stuck": "vq", "ioctl": "op", "vanish": "device", "clear": "vq"}
+_INJECT = {"iotlb_miss": lib.SIM_INJECT_IOTLB_MISS, "stuck": lib.SIM_INJECT_STUCK, "clear": lib.SIM_INJECT_CLEAR}
+
+
+def _parse_faults(text: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in text.split("+"):
+        kind, sep, target = item.partition("@")
+        what = FAULT_KINDS.get(kind)
+        if what is None or kind == "clear" or not sep:
+            raise SimConfigError(f"fault {item!r}: expected iotlb_miss@vqN, stuck@vqN, ioctl@OP or vanish@device")
+        if what == "vq" and not (target.startswith("vq") and target[2:].isdigit()):
+            raise SimConfigError(f"fault {item!r}: the target of {kind} is a vq like vq1")
+        if what == "op" and not target.isidentifier():
+            raise SimConfigError(f"fault {item!r}: the target of ioctl is an operation like set_vring_addr")
+        if what == "device" and target != "device":
+            raise SimConfigError(f"fault {item!r}: the target of vanish is 'device'")
+        out.append((kind, target))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- device
@@ -405,6 +435,13 @@ class SimDevice:
         out = ffi.new("struct sim_dev **")
         self._check("open", lib.sim_create(params, out))
         self._dev: Any = ffi.gc(out[0], lib.sim_destroy)
+        self._failing: dict[str, int] = {}  # injected: operation -> how many more calls fail
+        self._vanished = False
+        for kind, target in self.spec.faults:
+            if FAULT_KINDS[kind] == "vq":
+                self.inject_fault(kind, vq=int(target[2:]))
+            else:
+                self.inject_fault(kind, op=target if kind == "ioctl" else None)
         self.log.info(
             "sim_opened", features=hex(profile.features), backend_features=hex(profile.backend_features),
             pairs=self._pairs, vqs=self._nvqs, mac=profile.mac.hex(":"), rx_full=profile.rx_full,
@@ -430,6 +467,15 @@ class SimDevice:
     def _handle(self, op: str) -> Any:
         if self._dev is None:
             raise DeviceError(op, "device is closed", errno.EBADF)
+        if self._vanished:
+            raise DeviceError(op, "device vanished (injected)", errno.ENODEV)
+        left = self._failing.get(op, 0)
+        if left:
+            if left == 1:
+                del self._failing[op]
+            else:
+                self._failing[op] = left - 1
+            raise DeviceError(op, "injected failure", errno.EIO)
         return self._dev
 
     def _vq(self, op: str, index: int) -> int:
@@ -759,3 +805,37 @@ class SimDevice:
             "guest_offloads": int(s.guest_offloads),
             "cvq_commands": int(s.cvq_commands),
         }
+
+    # ------------------------------------------------------------ fault injection (tests only)
+
+    def inject_fault(self, kind: str, vq: int | None = None, *, op: str | None = None, times: int = 1) -> None:
+        """Make the device misbehave the way hardware can, so tests can prove the proxy copes:
+
+        - ``iotlb_miss`` (vq): the vq's next processing round misses the IOTLB; it faults (reported through
+          `fault_fd`/`take_faults`, `VqStats.error` set) and stops, like an access to an unmapped IOVA.
+        - ``stuck`` (vq): the vq is never processed again, silently, until ``clear``; a reset does not help.
+        - ``clear`` (vq): forget the vq's injected faults (a fault already raised stays until the vq is
+          disabled or the device reset, as for a real fault).
+        - ``ioctl`` (op): the next `times` calls of the named operation (``set_status``, ``set_vring_addr``,
+          ``iotlb_update``, ...) fail with EIO.
+        - ``vanish``: the device is gone: every later operation fails with ENODEV and the data path stops;
+          only `close` still works.
+        """
+        dev = self._handle("inject_fault")
+        what = FAULT_KINDS.get(kind)
+        if what is None:
+            raise DeviceError("inject_fault", f"unknown fault {kind!r} (known: {', '.join(FAULT_KINDS)})", errno.EINVAL)
+        if what == "vq":
+            if vq is None:
+                raise DeviceError("inject_fault", f"{kind} needs a vq", errno.EINVAL)
+            self._vq("inject_fault", vq)
+            self._check("inject_fault", lib.sim_inject_fault(dev, vq, _INJECT[kind]))
+        elif what == "op":
+            if not op or times < 1:
+                raise DeviceError("inject_fault", "ioctl needs an operation name and times >= 1", errno.EINVAL)
+            self._failing[op] = self._failing.get(op, 0) + times
+        else:
+            # Stop the data path the way a removed device stops: nothing it held is touched again.
+            self._check("inject_fault", lib.sim_reset(dev, 0))
+            self._vanished = True
+        self.log.warning("fault_injected", kind=kind, vq=vq, op=op, times=times if what == "op" else None)

@@ -116,6 +116,9 @@ struct vq {
     uint16_t avail_seen;
     bool has_error;
     char error[SIM_REASON_LEN];
+    /* injected faults (sim_inject_fault): not cleared by a reset */
+    bool inject_miss;
+    bool stuck;
 };
 
 struct sim_dev {
@@ -231,7 +234,7 @@ static bool vq_running(const struct sim_dev *d, uint32_t idx)
             return false;
         }
     }
-    return d->driver_ok && !d->suspended && q->started && q->addr_set && !q->has_error;
+    return d->driver_ok && !d->suspended && q->started && q->addr_set && !q->has_error && !q->stuck;
 }
 
 static void vq_fault(struct sim_dev *d, uint32_t idx, const char *why, uint64_t iova)
@@ -429,6 +432,11 @@ static struct iotlb *iotlb_target(struct sim_dev *d, uint32_t asid, int *rc)
 static int vq_refresh(struct sim_dev *d, uint32_t idx)
 {
     struct vq *q = &d->vq[idx];
+    if (q->inject_miss) {
+        q->inject_miss = false;
+        vq_fault(d, idx, "IOTLB miss (injected)", q->avail_iova);
+        return -1;
+    }
     if (q->gen == d->iotlb_gen) {
         return 0;
     }
@@ -1881,5 +1889,31 @@ int sim_rounds(struct sim_dev *d, uint64_t *out)
     api_lock(d);
     *out = d->rounds;
     api_unlock(d);
+    return 0;
+}
+
+/* ---------- fault injection (tests only) ---------- */
+
+int sim_inject_fault(struct sim_dev *d, uint32_t index, uint32_t kind)
+{
+    if (index >= d->nvqs) {
+        return -ENOBUFS;
+    }
+    if (kind != SIM_INJECT_CLEAR && kind != SIM_INJECT_IOTLB_MISS && kind != SIM_INJECT_STUCK) {
+        return -EINVAL;
+    }
+    api_lock(d);
+    struct vq *q = &d->vq[index];
+    if (kind == SIM_INJECT_CLEAR) {
+        q->inject_miss = false;
+        q->stuck = false;
+    } else if (kind == SIM_INJECT_IOTLB_MISS) {
+        q->inject_miss = true;
+    } else {
+        q->stuck = true;
+    }
+    api_unlock(d);
+    /* the miss fires on the next round, and a cleared vq may have work waiting */
+    wake(d);
     return 0;
 }

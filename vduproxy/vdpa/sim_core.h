@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define SIM_ABI_VERSION 2
+#define SIM_ABI_VERSION 3
 
 #define SIM_MAX_VQS 65 /* 32 queue pairs + CVQ */
 #define SIM_MAX_AS 4
@@ -31,6 +31,11 @@
 #define SIM_PERM_RO 1
 #define SIM_PERM_WO 2
 #define SIM_PERM_RW 3
+
+/* Fault injection (tests only; no vhost-vdpa counterpart): see sim_inject_fault */
+#define SIM_INJECT_CLEAR 0      /* forget every fault injected into the vq */
+#define SIM_INJECT_IOTLB_MISS 1 /* the vq's next processing round misses the IOTLB and faults (once) */
+#define SIM_INJECT_STUCK 2      /* the vq is never processed again (no fault, no completion) until cleared */
 
 struct sim_params {
     uint32_t pairs;          /* data queue pairs, 1..32 */
@@ -121,5 +126,12 @@ int sim_take_fault(struct sim_dev *dev, struct sim_fault *out);
 int sim_filter_state(struct sim_dev *dev, struct sim_filter *out);
 /* processing rounds the thread has run: each wake-up is one, so an idle device's count stands still */
 int sim_rounds(struct sim_dev *dev, uint64_t *out);
+
+/*
+ * Fault injection for tests (SIM_INJECT_*). Injected faults survive a device reset, the way a broken piece of
+ * hardware stays broken when its driver resets it; only SIM_INJECT_CLEAR takes them away. -ENOBUFS for a vq
+ * out of range, -EINVAL for an unknown kind.
+ */
+int sim_inject_fault(struct sim_dev *dev, uint32_t index, uint32_t kind);
 
 #endif

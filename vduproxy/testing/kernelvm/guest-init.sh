@@ -29,12 +29,21 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # /run and /tmp must be writable and the root is not: tmpfs over both (this hides the host's /tmp).
 mount -t tmpfs -o mode=755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p "$JOB"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 vduproxyjob "$JOB" || fail "cannot mount the job share"
-say "kernel $(uname -r) up, mounts done"
 [ -r "$JOB/setup.env" ] || fail "no setup.env in the job share"
 . "$JOB/setup.env"
+if [ -n "${VM_KEEP_DIR:-}" ]; then
+    # The job runs in a checkout under the host's /tmp (a CI clone, say): keep that one directory visible at
+    # its own path, so every absolute path into it (the venv's python, an editable install) still works.
+    mkdir -p /run/host-tmp && mount --bind /tmp /run/host-tmp || fail "cannot bind the host's /tmp"
+fi
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ -n "${VM_KEEP_DIR:-}" ]; then
+    mkdir -p "$VM_KEEP_DIR" && mount --bind "/run/host-tmp/${VM_KEEP_DIR#/tmp/}" "$VM_KEEP_DIR" \
+        || fail "cannot bind $VM_KEEP_DIR"
+fi
+say "kernel $(uname -r) up, mounts done"
 mkdir -p "$JOB/out"
 
 if [ "${VM_VDPA:-1}" = 1 ]; then

@@ -144,16 +144,20 @@ def run_in_kernel_vm(
     The guest environment is a minimal one (PATH, HOME, LANG, PYTHONDONTWRITEBYTECODE) plus `env`; the
     command sees `/dev/vhost-vdpa-0` (unless `options.vdpa` is False), an unlimited RLIMIT_MEMLOCK, a tmpfs
     /tmp, and $VDUPROXY_VM_OUT, a writable directory whose files are copied to `outdir` afterwards.
-    Raises ValueError for arguments the guest cannot honour (a cwd under /tmp, a bad variable name), and
+    Raises ValueError for arguments the guest cannot honour (cwd /tmp itself, a bad variable name), and
     KernelVmError when the command could not be run to completion (the command failing is not an
     error: that is its exit status). A missing kernel is built first (about ten minutes).
     """
     if not command:
         raise ValueError("empty command")
     workdir = (Path(cwd) if cwd is not None else Path.cwd()).resolve()
-    if workdir == Path("/tmp") or Path("/tmp") in workdir.parents:
-        # The guest mounts a tmpfs over /tmp (the root is read-only), so the host's /tmp is not visible there.
-        raise ValueError(f"cwd {workdir} is under /tmp, which the guest cannot see")
+    keep = ""
+    if workdir == Path("/tmp"):
+        # The guest mounts a tmpfs over /tmp (the root is read-only): /tmp itself cannot be the job's directory.
+        raise ValueError(f"cwd {workdir} is /tmp itself, which the guest replaces with a tmpfs")
+    if Path("/tmp") in workdir.parents:
+        # a directory below it is bind-mounted back at its own path by the guest init
+        keep = str(workdir)
     script = job_script(command, env or {}, workdir)
     if shutil.which(QEMU) is None:
         raise KernelVmError(f"{QEMU} not found (apt-get install qemu-system-x86)")
@@ -163,6 +167,7 @@ def run_in_kernel_vm(
         job = Path(tmp)
         (job / "setup.env").write_text(
             f"VM_VDPA={int(options.vdpa)}\nVM_VDPA_MAC={shlex.quote(options.mac)}\nVM_VDPA_MTU={options.mtu}\n"
+            f"VM_KEEP_DIR={shlex.quote(keep)}\n"
         )
         (job / "job.sh").write_text(script)
         (job / "out").mkdir()
