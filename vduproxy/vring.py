@@ -86,6 +86,15 @@ class SplitRingDriver:
             layout.used_off + used_ring_size(self.num) - layout.desc_off
         )
 
+    def _store16(self, off: int, value: int) -> None:
+        """Ring fields are shared with a device running on another thread: each must change in one aligned 16-bit
+        store. struct.pack_into zero-fills its target before writing, so a concurrent reader could see a
+        transient 0 (an index jumping backwards). The views are released at once: a live export would keep the
+        owner from closing its mmap."""
+        assert off % 2 == 0
+        with self.mem[off : off + 2] as raw, raw.cast("H") as u16:
+            u16[0] = value
+
     # addresses the device is given
     @property
     def desc_addr(self) -> int:
@@ -103,8 +112,8 @@ class SplitRingDriver:
         """Start at a given index (resuming a ring after migration or reconnect)."""
         self.avail_idx = idx & 0xFFFF
         self.last_used = idx & 0xFFFF
-        _U16.pack_into(self.mem, self.layout.avail_off + 2, self.avail_idx)
-        _U16.pack_into(self.mem, self.layout.used_off + 2, self.last_used)
+        self._store16(self.layout.avail_off + 2, self.avail_idx)
+        self._store16(self.layout.used_off + 2, self.last_used)
 
     def write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
         _DESC.pack_into(self.mem, self.layout.desc_off + DESC_SIZE * i, addr, length, flags, nxt)
@@ -142,7 +151,7 @@ class SplitRingDriver:
         self.chain_of[head] = ids
         self.tokens[head] = token
         slot = self.layout.avail_off + 4 + 2 * ((self.avail_idx + self._pending) % self.num)
-        _U16.pack_into(self.mem, slot, head)
+        self._store16(slot, head)
         self._pending += 1
         return head
 
@@ -150,7 +159,7 @@ class SplitRingDriver:
         """Make every added chain visible (one avail->idx store)."""
         self.avail_idx = (self.avail_idx + self._pending) & 0xFFFF
         self._pending = 0
-        _U16.pack_into(self.mem, self.layout.avail_off + 2, self.avail_idx)
+        self._store16(self.layout.avail_off + 2, self.avail_idx)
 
     def add_and_publish(self, bufs: list[Buf], token: object = None) -> int:
         head = self.add(bufs, token)
@@ -175,14 +184,14 @@ class SplitRingDriver:
             self.last_used = (self.last_used + 1) & 0xFFFF
         if self.event_idx:
             # used_event: ask to be called as soon as the next entry lands
-            _U16.pack_into(self.mem, self.layout.avail_off + 4 + 2 * self.num, self.last_used)
+            self._store16(self.layout.avail_off + 4 + 2 * self.num, self.last_used)
         return out
 
     def used_idx(self) -> int:
         return int(_U16.unpack_from(self.mem, self.layout.used_off + 2)[0])
 
     def set_no_interrupt(self, on: bool) -> None:
-        _U16.pack_into(self.mem, self.layout.avail_off, VRING_AVAIL_F_NO_INTERRUPT if on else 0)
+        self._store16(self.layout.avail_off, VRING_AVAIL_F_NO_INTERRUPT if on else 0)
 
     def needs_kick(self, old_avail: int) -> bool:
         """Whether the device asked to be kicked for avail moving from old_avail to the current index."""

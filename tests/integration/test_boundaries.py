@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import current_session
+from conftest import current_session  # type: ignore[attr-defined, unused-ignore]
 from structlog.testing import capture_logs
 
 from vduproxy.testing.frontend import BackendRejected, FrontendError, VhostUserFrontend
@@ -172,6 +172,53 @@ async def test_descriptors_outside_guest_memory_are_refused(
         await serves_normally(sock_path, session)
 
 
+SHARED_AS_PROFILE = """
+description = "a control queue but one address space: the proxy's CVQ memory shares the guest's IOVA space"
+features = ["VERSION_1", "ACCESS_PLATFORM", "MAC", "MTU", "ANY_LAYOUT", "MRG_RXBUF", "CTRL_VQ", "CTRL_MAC_ADDR"]
+backend_features = ["IOTLB_MSG_V2", "IOTLB_BATCH", "SUSPEND", "RESUME"]
+address_spaces = 1
+cvq_own_group = false
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lead: in passthrough on a device with one address space the proxy maps its own CVQ memory into the "
+    "IOVA space the guest's descriptors reach (dataplane._setup_cvq / CvqClient asid 0)",
+)
+@pytest.mark.parametrize("direction", ["tx_reads", "rx_writes"])
+async def test_passthrough_guest_cannot_reach_the_proxys_own_device_memory(
+    proxy_at: Callable[..., Any], sock_path: str, tmp_path: Path, direction: str
+) -> None:
+    profile = tmp_path / "shared-as.toml"
+    profile.write_text(SHARED_AS_PROFILE)
+    async with proxy_at(f"sim:profile={profile}", svq="never"):
+        session = current_session()
+        with GuestMemory(16 * MB) as mem:
+            fe, driver = await started(sock_path, mem)
+            try:
+                dp = session.active()
+                assert dp is not None and dp.cvq is not None, "the proxy runs the device's CVQ"
+                target = dp.cvq.iova  # proxy memory: the CVQ ring and its command buffers
+                if direction == "tx_reads":
+                    driver.post_rx_buffers(0)
+                    driver.tx(0).ring.add([Buf(target, 600)], "hostile")
+                    kick(driver, TX)
+                else:
+                    driver.rx(0).ring.add([Buf(target, 2048, writable=True)], "hostile")
+                    kick(driver, RX)
+                    driver.send([make_frame(1000, 1)])
+                vq = TX if direction == "tx_reads" else RX
+                # whichever comes first: a fault (refused) or the device completing the chain (it reached the memory)
+                with trio.fail_after(20):
+                    while fault_of(session, vq) is None and driver.vqs[vq].used_idx == 0:
+                        await trio.sleep(0.01)
+                assert fault_of(session, vq) is not None, "the device used proxy memory through a guest descriptor"
+            finally:
+                await fe.aclose()
+                driver.close()
+
+
 def _addr(vq: Any, **override: int) -> VringAddr:
     parts = {"desc": vq.desc_uva, "used": vq.used_uva, "avail": vq.avail_uva, **override}
     return VringAddr(vq.index, 0, parts["desc"], parts["used"], parts["avail"], vq.used_gpa)
@@ -294,7 +341,7 @@ async def test_caps_on_regions_queues_ring_size_and_message_size(tmp_path: Path)
         'backend_features = ["IOTLB_MSG_V2", "IOTLB_BATCH", "SUSPEND"]\nqueue_pairs = 2\nring_max = 32768\n'
     )
     path = str(tmp_path / "caps.sock")
-    from conftest import running_proxy
+    from conftest import running_proxy  # type: ignore[attr-defined, unused-ignore]
 
     async with running_proxy(path, f"sim:profile={profile}"):
         session = current_session()

@@ -92,7 +92,7 @@ async def test_20_forced_mode_switches_under_traffic(proxy_at: Callable[..., Any
                         await dp.force_mode(i % 2 == 0)
                         modes.append("svq" if dp.shadow_active else "passthrough")
 
-                from conftest import current_session  # type: ignore[import-not-found]
+                from vduproxy.testing.inproc import current_session
 
                 dp = current_session().backends[-1].dp
                 async with trio.open_nursery() as nursery:

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import current_session, running_proxy
+from conftest import current_session, running_proxy  # type: ignore[attr-defined, unused-ignore]
 from structlog.testing import capture_logs
 
 from vduproxy.testing.frontend import FrontendError, VhostUserFrontend
 from vduproxy.testing.guest import GuestMemory, VirtioNetDriver, check_frames, make_frame
 from vduproxy.testing.traffic import Pump
 from vduproxy.vdpa.device import DeviceError
+from vduproxy.vdpa.sim import SimConfigError, SimDevice, parse_sim_spec
 from vduproxy.vhost_user.wire import Req
 
 pytestmark = pytest.mark.integration
@@ -130,6 +131,8 @@ async def test_iotlb_miss_breaks_one_vq_the_other_pair_runs_and_reconnect_recove
         await b.traffic()
         with capture_logs() as logs:
             a.device.inject_fault("iotlb_miss", TX)
+            # the next frames make the device walk the TX ring: the first chain misses, the vq stops
+            stranded = await send_unanswered(a, 20)
             stats = await wait_vq_error(a.device, TX)
             faults = a.device.take_faults()
         assert "IOTLB miss" in stats.error and stats.faults >= 1
@@ -137,10 +140,7 @@ async def test_iotlb_miss_breaks_one_vq_the_other_pair_runs_and_reconnect_recove
         assert any(e["event"] == "device_fault" and e["vq"] == TX for e in logs), logs
         # the daemon's view: the queue's fault counter moved
         assert a.session.stats()["queues"][TX]["faults"] >= 1
-
-        # frames put on the broken TX ring go nowhere ...
-        stranded = await send_unanswered(a, 20)
-        # ... while the other device passes traffic byte for byte
+        # the frames on the broken TX ring went nowhere, while the other device passes traffic byte for byte
         await b.traffic(500)
         assert a.driver.receive(0) == []
 
@@ -257,3 +257,48 @@ async def test_vanished_device_fails_its_connection_not_the_daemon(paths: tuple[
                     await fe.get_u64(Req.GET_FEATURES)
             await wait_detached(a)
         await b.traffic()
+
+
+async def test_faults_named_in_the_device_spec_fire_when_the_queue_is_used(paths: tuple[str, str]) -> None:
+    async with running_proxy(paths[0], "sim:profile=rich,fault=iotlb_miss@vq1+ioctl@set_vring_addr"):
+        session = current_session()
+        assert session.device.spec.faults == (("iotlb_miss", "vq1"), ("ioctl", "set_vring_addr"))
+        with GuestMemory(32 << 20) as mem:
+            driver = VirtioNetDriver(mem, queue_size=256)
+            try:
+                # the first programming of the device hits the failing ioctl: that connection ends with an error
+                with capture_logs() as logs, pytest.raises(FrontendError):
+                    fe = await VhostUserFrontend.connect(paths[0])
+                    async with fe:
+                        await fe.qemu72_connect()
+                        await fe.qemu72_start(driver)
+                        await fe.get_u64(Req.GET_FEATURES)
+                assert any("set_vring_addr" in str(e.get("error", "")) for e in logs if e["log_level"] == "error")
+                with trio.fail_after(20):
+                    while session.active() is not None:
+                        await trio.sleep(0.01)
+                # the next one runs, and TX meets the IOTLB miss as soon as it is processed
+                fe = await VhostUserFrontend.connect(paths[0])
+                async with fe:
+                    await fe.qemu72_connect()
+                    await fe.qemu72_start(driver)
+                    await fe.get_u64(Req.GET_FEATURES)  # a round trip: the set-up is applied
+                    driver.post_rx_buffers(0)
+                    driver.send([make_frame(100, 0)])
+                    stats = await wait_vq_error(session.device, TX)
+                    assert "IOTLB miss" in str(stats.error)
+            finally:
+                driver.close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["fault=iotlb_miss", "fault=stuck@tx", "fault=ioctl@1x", "fault=vanish@vq1", "fault=melt@vq1"]
+)
+def test_bad_fault_specs_are_refused_with_the_expected_forms(bad: str) -> None:
+    with pytest.raises(SimConfigError, match=r"iotlb_miss@vqN|a vq like|an operation|'device'"):
+        parse_sim_spec(f"sim:{bad}")
+
+
+def test_a_fault_on_a_vq_the_device_lacks_fails_the_open() -> None:
+    with pytest.raises(DeviceError, match="vq 9 out of range"):
+        SimDevice("sim:profile=basic,fault=stuck@vq9")

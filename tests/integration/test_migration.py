@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import current_session, running_proxy  # type: ignore[import-not-found]
 from structlog.testing import capture_logs
 
 from vduproxy.testing.frontend import VhostUserFrontend
 from vduproxy.testing.guest import GUEST_MAC, GuestMemory, VirtioNetDriver
+from vduproxy.testing.inproc import current_session, running_proxy
 from vduproxy.testing.traffic import Pump
 from vduproxy.vhost_user.wire import ProtocolF
 from vduproxy.virtio import NetF

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import current_session
+from conftest import current_session  # type: ignore[attr-defined, unused-ignore]
 
 from vduproxy.testing.frontend import VhostUserFrontend
 from vduproxy.testing.guest import GuestMemory, VirtioNetDriver

@@ -437,11 +437,15 @@ class SimDevice:
         self._dev: Any = ffi.gc(out[0], lib.sim_destroy)
         self._failing: dict[str, int] = {}  # injected: operation -> how many more calls fail
         self._vanished = False
-        for kind, target in self.spec.faults:
-            if FAULT_KINDS[kind] == "vq":
-                self.inject_fault(kind, vq=int(target[2:]))
-            else:
-                self.inject_fault(kind, op=target if kind == "ioctl" else None)
+        try:
+            for kind, target in self.spec.faults:
+                if FAULT_KINDS[kind] == "vq":
+                    self.inject_fault(kind, vq=int(target[2:]))
+                else:
+                    self.inject_fault(kind, op=target if kind == "ioctl" else None)
+        except DeviceError:
+            self.close()  # a fault naming a vq the device does not have: nothing half-open is left behind
+            raise
         self.log.info(
             "sim_opened", features=hex(profile.features), backend_features=hex(profile.backend_features),
             pairs=self._pairs, vqs=self._nvqs, mac=profile.mac.hex(":"), rx_full=profile.rx_full,
@@ -811,7 +815,7 @@ class SimDevice:
     def inject_fault(self, kind: str, vq: int | None = None, *, op: str | None = None, times: int = 1) -> None:
         """Make the device misbehave the way hardware can, so tests can prove the proxy copes:
 
-        - ``iotlb_miss`` (vq): the vq's next processing round misses the IOTLB; it faults (reported through
+        - ``iotlb_miss`` (vq): the next chain the vq takes misses the IOTLB; the vq faults (reported through
           `fault_fd`/`take_faults`, `VqStats.error` set) and stops, like an access to an unmapped IOVA.
         - ``stuck`` (vq): the vq is never processed again, silently, until ``clear``; a reset does not help.
         - ``clear`` (vq): forget the vq's injected faults (a fault already raised stays until the vq is

@@ -432,11 +432,6 @@ static struct iotlb *iotlb_target(struct sim_dev *d, uint32_t asid, int *rc)
 static int vq_refresh(struct sim_dev *d, uint32_t idx)
 {
     struct vq *q = &d->vq[idx];
-    if (q->inject_miss) {
-        q->inject_miss = false;
-        vq_fault(d, idx, "IOTLB miss (injected)", q->avail_iova);
-        return -1;
-    }
     if (q->gen == d->iotlb_gen) {
         return 0;
     }
@@ -472,6 +467,12 @@ static int vq_peek(struct sim_dev *d, uint32_t idx, uint16_t *head)
     }
     if (pending > q->num) {
         vq_fault(d, idx, "available index moved further than the ring size", q->avail_iova + 2);
+        return -1;
+    }
+    if (q->inject_miss) {
+        /* injected: the first chain the vq would take misses the IOTLB, as an unmapped descriptor table would */
+        q->inject_miss = false;
+        vq_fault(d, idx, "IOTLB miss (injected)", q->desc_iova);
         return -1;
     }
     uint16_t h = ld16(q->avail + 4 + 2 * (q->last_avail & (q->num - 1)));
@@ -1913,7 +1914,7 @@ int sim_inject_fault(struct sim_dev *d, uint32_t index, uint32_t kind)
         q->stuck = true;
     }
     api_unlock(d);
-    /* the miss fires on the next round, and a cleared vq may have work waiting */
+    /* a cleared vq may have work waiting */
     wake(d);
     return 0;
 }

@@ -34,7 +34,7 @@
 
 /* Fault injection (tests only; no vhost-vdpa counterpart): see sim_inject_fault */
 #define SIM_INJECT_CLEAR 0      /* forget every fault injected into the vq */
-#define SIM_INJECT_IOTLB_MISS 1 /* the vq's next processing round misses the IOTLB and faults (once) */
+#define SIM_INJECT_IOTLB_MISS 1 /* the next chain the vq takes misses the IOTLB: the vq faults (once) */
 #define SIM_INJECT_STUCK 2      /* the vq is never processed again (no fault, no completion) until cleared */
 
 struct sim_params {
