@@ -181,6 +181,8 @@ class DeviceSession:
     def close(self) -> None:
         try:
             self.device.set_status(0)
+        except DeviceError as exc:  # a vanished device still gets its fd closed
+            log.warning("device_reset_failed", device=self.info.name, error=str(exc))
         finally:
             self.device.close()
 
@@ -259,6 +261,7 @@ class DeviceDataPlane:
         # injection, MAC programming), runs under this lock: they await in the middle (CVQ acks), and a frame
         # injected while the rings are being torn down would be in flight during the drain.
         self._lock = trio.Lock()
+        self._reported_broken: set[int] = set()
         self.transient_shadow = False
         self.inject_off = 0
         self._iova_next = 0
@@ -357,11 +360,27 @@ class DeviceDataPlane:
         if self._nursery is not None:
             self._nursery.start_soon(fn)
 
+    def _report_faults(self) -> None:
+        """Device faults (an access to an unmapped IOVA…) and broken SVQ vqs become error events, once each."""
+        try:
+            faults = self.dev.take_faults()
+        except DeviceError:
+            faults = []
+        for f in faults:
+            self.log.error("device_fault", vq=f.vq, reason=f.reason, iova=hex(f.iova))
+        if self.svq is not None and self.svq.take_error_events():
+            for idx in sorted(self.shadows):
+                reason = self.svq.error(idx)
+                if reason and idx not in self._reported_broken:
+                    self._reported_broken.add(idx)
+                    self.log.error("vring_broken", vq=idx, reason=reason, where="svq")
+
     async def _watch_learned_mac(self) -> None:
         """In SVQ mode the C core samples the source MAC of the guest's frames; the first one seen (when no
-        other source gave a MAC) programs the device filter."""
+        other source gave a MAC) programs the device filter. Faults are reported from here too."""
         while True:
             await trio.sleep(0.25)
+            self._report_faults()
             if self.mac is not None or not self.shadow_active or self.svq is None:
                 continue
             for idx in sorted(self.configured):
@@ -455,8 +474,15 @@ class DeviceDataPlane:
 
     async def close(self) -> None:
         self.rings.clear()
-        self._stop_device()
-        self.session.reset()
+        try:
+            self._stop_device()
+        except DeviceError as exc:
+            self.log.error("device_stop_failed", error=str(exc))
+            self._forget_configuration()
+        try:
+            self.session.reset()
+        except DeviceError as exc:
+            self.log.error("device_reset_failed", error=str(exc))
         if self.svq is not None:
             self.svq.close()
             self.svq = None
@@ -499,6 +525,11 @@ class DeviceDataPlane:
         if self.forced_shadow is not None:
             return self.forced_shadow
         if self.mode_policy == "always":
+            return True
+        if self.mode_policy == "never":
+            return False
+        if self.info.features & NetF.CTRL_VQ and self._needs_cvq() and not self._cvq_isolated():
+            # the proxy must drive the device's CVQ, which would be within the guest's reach in passthrough
             return True
         if self.mode_policy == "never":
             return False
@@ -545,8 +576,19 @@ class DeviceDataPlane:
                     self.log.error("svq_drain_failed", vq=idx, error=str(exc))
             else:
                 ring.base = dev_base
-        self.dev.set_status(0)
+        try:
+            self.dev.set_status(0)
+        finally:
+            self._forget_configuration()
+
+    def _forget_configuration(self) -> None:
+        """Release what the last configuration held (also after a device error half-way)."""
         if self.svq is not None:
+            with contextlib.suppress(SvqError):
+                self.svq.stop()
+            for idx in list(self.shadows):
+                with contextlib.suppress(SvqError):
+                    self.svq.detach(idx)
             with contextlib.suppress(SvqError):
                 self.svq.set_inject_area(0, 0, 0)
         if self.cvq is not None:
@@ -573,7 +615,15 @@ class DeviceDataPlane:
 
     async def _reconfigure(self, why: str) -> None:
         async with self._locked():
-            await self._reconfigure_locked(why)
+            try:
+                await self._reconfigure_locked(why)
+            except BaseException:
+                # never leave the device half-configured (status bits set, maps in place): the next attempt
+                # starts from a reset device
+                with contextlib.suppress(DeviceError):
+                    self.dev.set_status(0)
+                self._forget_configuration()
+                raise
 
     async def _reconfigure_locked(self, why: str) -> None:
         t0 = time.perf_counter()
@@ -618,7 +668,7 @@ class DeviceDataPlane:
                 dev.set_vring_call(idx, ring.call_fd)
                 dev.set_vring_enable(idx, not defer_enable)
         if features & NetF.CTRL_VQ:
-            self._setup_cvq()
+            self._setup_cvq(shadow)
         dev.set_status(status | Status.DRIVER_OK)
         self.configured = dict(self.rings)
         self.shadow_active = shadow
@@ -739,9 +789,37 @@ class DeviceDataPlane:
             )  # fmt: skip
         self.svq.start()
 
-    def _setup_cvq(self) -> None:
-        cvq_index = 2 * self.info.max_pairs if self.info.features & NetF.MQ else 2
+    def _cvq_index(self) -> int:
+        return 2 * self.info.max_pairs if self.info.features & NetF.MQ else 2
+
+    def _cvq_isolated(self) -> bool:
+        """Whether the proxy's CVQ memory can live in an address space of its own. If not, it shares ASID 0 with
+        guest memory, and in passthrough a guest descriptor could point at it: then only the SVQ (which checks
+        every guest address) may run alongside the proxy's CVQ."""
+        dev = self.dev
+        idx = self._cvq_index()
+        try:
+            if not self.info.backend_features & BackendF.IOTLB_ASID or dev.get_as_num() < 2:
+                return False
+            if dev.get_groups_num() < 2:
+                return False
+            group = dev.get_vring_group(idx)
+            return all(dev.get_vring_group(i) != group for i in range(idx))
+        except DeviceError:
+            return False
+
+    def _needs_cvq(self) -> bool:
+        pairs = len({idx // 2 for idx in self.rings if idx < 2 * self.info.max_pairs})
+        return (
+            self.session.pending_state is not None or self.mac is not None or self.pending_rarp is not None or pairs > 1
+        )
+
+    def _setup_cvq(self, shadow: bool) -> None:
+        cvq_index = self._cvq_index()
         if cvq_index >= self.info.vqs:
+            return
+        if not shadow and not self._cvq_isolated():
+            self.log.info("cvq_not_in_passthrough", reason="the device cannot isolate its CVQ from guest memory")
             return
         iova = self._alloc_iova(PAGE * 16)
         self.cvq = CvqClient(self.dev, vq_index=cvq_index, iova=iova, data_vqs=cvq_index)

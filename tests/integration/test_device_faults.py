@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import current_session, running_proxy  # type: ignore[attr-defined, unused-ignore]
 from structlog.testing import capture_logs
 
 from vduproxy.testing.frontend import FrontendError, VhostUserFrontend
 from vduproxy.testing.guest import GuestMemory, VirtioNetDriver, check_frames, make_frame
+from vduproxy.testing.inproc import current_session, running_proxy
 from vduproxy.testing.traffic import Pump
 from vduproxy.vdpa.device import DeviceError
 from vduproxy.vdpa.sim import SimConfigError, SimDevice, parse_sim_spec
@@ -55,7 +55,7 @@ class Pair:
 @contextlib.asynccontextmanager
 async def open_pair(path: str, svq: str) -> AsyncIterator[Pair]:
     async with running_proxy(path, "sim:profile=rich", svq=svq):
-        session = current_session()
+        session: Any = current_session()
         with GuestMemory(32 << 20, regions=2) as mem:
             fe = await VhostUserFrontend.connect(path)
             driver = VirtioNetDriver(mem, queue_size=256)
@@ -227,11 +227,6 @@ async def test_failing_reset_during_teardown_keeps_the_socket_serving(paths: tup
         await a.traffic()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead: DeviceDataPlane.close/_stop_device and DeviceSession.close raise when the device is gone, and "
-    "the exception escapes run_connection's cleanup and takes the listener (the whole pair) down",
-)
 async def test_vanished_device_fails_its_connection_not_the_daemon(paths: tuple[str, str]) -> None:
     async with open_pair(paths[0], "never") as a, open_pair(paths[1], "never") as b:
         await a.traffic()
@@ -261,7 +256,7 @@ async def test_vanished_device_fails_its_connection_not_the_daemon(paths: tuple[
 
 async def test_faults_named_in_the_device_spec_fire_when_the_queue_is_used(paths: tuple[str, str]) -> None:
     async with running_proxy(paths[0], "sim:profile=rich,fault=iotlb_miss@vq1+ioctl@set_vring_addr"):
-        session = current_session()
+        session: Any = current_session()
         assert session.device.spec.faults == (("iotlb_miss", "vq1"), ("ioctl", "set_vring_addr"))
         with GuestMemory(32 << 20) as mem:
             driver = VirtioNetDriver(mem, queue_size=256)

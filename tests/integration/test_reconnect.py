@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import current_session  # type: ignore[attr-defined, unused-ignore]
 
 from vduproxy.testing.frontend import VhostUserFrontend
 from vduproxy.testing.guest import GuestMemory, VirtioNetDriver
+from vduproxy.testing.inproc import current_session
 from vduproxy.testing.procs import short_socket_path
 from vduproxy.testing.proxy import open_proxy
 from vduproxy.testing.traffic import Pump
@@ -90,7 +90,7 @@ async def test_100_killed_front_ends_leak_nothing_in_process(
 ) -> None:
     expected_mode = "svq" if svq == "always" else "passthrough"
     async with proxy_at("sim:profile=rich", svq=svq):
-        session = current_session()
+        session: Any = current_session()
         with GuestMemory(32 << 20, regions=2) as mem:
             driver = VirtioNetDriver(mem, queue_size=256)
             try:
