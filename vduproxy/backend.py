@@ -173,6 +173,10 @@ class DataPlane(Protocol):
 
     async def set_log(self, log_fd: int, size: int, offset: int) -> None: ...
     async def ring_log_changed(self, ring: Vring) -> None: ...
+    async def ring_call_changed(self, ring: Vring) -> bool:
+        """A running ring got a new call fd: True if applied in place (no restart needed)."""
+        ...
+
     async def set_mac(self, mac: bytes, source: str) -> None: ...
     def save_state(self, frontend: FrontendSnapshot) -> bytes:
         """The device-state blob (vduproxy.migration.state) of a stopped device."""
@@ -227,6 +231,9 @@ class NullDataPlane:
 
     async def ring_log_changed(self, ring: Vring) -> None:
         return None
+
+    async def ring_call_changed(self, ring: Vring) -> bool:
+        return True
 
     async def set_mac(self, mac: bytes, source: str) -> None:
         return None
@@ -546,10 +553,15 @@ class NetBackend:
 
     async def _on_set_vring_call(self, req: Request) -> Reply:
         ring = self._ring(req, req.body_as(VringFile).index)
-        restart = ring.started
-        if restart:
+        if ring.started:
+            self._set_fd(req, ring, "call_fd")
+            # QEMU sends the call fd right after the kick: applied in place when the data plane can, else a restart
+            if await self.dp.ring_call_changed(ring):
+                return Reply()
             ring.base = await self.dp.stop_ring(ring)
             ring.started = False
+            await self._reevaluate(ring)
+            return Reply()
         self._set_fd(req, ring, "call_fd")
         await self._reevaluate(ring)
         return Reply()

@@ -262,6 +262,7 @@ class DeviceDataPlane:
         # injected while the rings are being torn down would be in flight during the drain.
         self._lock = trio.Lock()
         self._reported_broken: set[int] = set()
+        self._last_stats: dict[int, dict[str, object]] | None = None
         self.transient_shadow = False
         self.inject_off = 0
         self._iova_next = 0
@@ -333,6 +334,19 @@ class DeviceDataPlane:
         if old is not None:
             old.close()
         self.log.info("dirty_log_mapped", size=size)
+
+    async def ring_call_changed(self, ring: Vring) -> bool:
+        async with self._locked():
+            if ring.index not in self.configured or self.configured[ring.index] is not ring:
+                return False
+            if self.shadow_active:
+                return False  # the SVQ holds its own copy of the guest's call fd: re-attach through a restart
+            try:
+                self.dev.set_vring_call(ring.index, ring.call_fd)  # vhost-vdpa takes a new call fd at any time
+            except DeviceError as exc:
+                self.log.warning("set_vring_call_live_failed", vq=ring.index, error=str(exc))
+                return False
+            return True
 
     async def ring_log_changed(self, ring: Vring) -> None:
         if self.shadow_active and self.svq is not None and ring.index in self.shadows:
@@ -498,6 +512,12 @@ class DeviceDataPlane:
             await self._reconfigure("mode forced")
 
     def stats(self) -> dict[int, dict[str, object]]:
+        if self._lock.locked() and self._last_stats is not None:
+            return self._last_stats  # mid-reconfiguration the device is half set up: report the last whole view
+        self._last_stats = self._stats_now()
+        return self._last_stats
+
+    def _stats_now(self) -> dict[int, dict[str, object]]:
         out: dict[int, dict[str, object]] = {}
         for idx in sorted(self.configured):
             dev = self.dev.vq_stats(idx)
@@ -830,13 +850,18 @@ class DeviceDataPlane:
             self.cvq = None
 
     async def _after_driver_ok(self, features: int) -> None:
-        if not self.shadow_active:
+        for ring in self.configured.values():
             # A device that only looks at a ring when kicked (kernel vdpa_sim_net) drops kicks that came while the
             # queue was not ready — the guest may have kicked during the reconfiguration: kick once on its behalf.
-            for ring in self.configured.values():
-                if ring.kick_fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.eventfd_write(ring.kick_fd, 1)
+            if not self.shadow_active and ring.kick_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(ring.kick_fd, 1)
+            # And the other way: with EVENT_IDX a used_event the guest wrote before the rings moved (another device,
+            # another host) may never be crossed again, so nothing would ever interrupt it: one spurious call makes
+            # the guest look at its used ring now (harmless when there is nothing new).
+            if ring.call_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(ring.call_fd, 1)
         if self.pending_rarp is not None and not self.transient_shadow and any(i % 2 == 1 for i in self.configured):
             self._nursery_soon(self._send_pending_rarp)
         if self.cvq is None:

@@ -407,6 +407,10 @@ class SimDevice:
             profile = dataclasses.replace(profile, busy_poll_us=self.spec.busy_poll_us)
         if self.spec.rx_full is not None:
             profile = dataclasses.replace(profile, rx_full=self.spec.rx_full)
+        elif self.spec.backend != "loopback":
+            # Back-pressure is for a loopback (a lossless test wire); a TAP is a network, and a NIC drops what its
+            # full RX cannot take rather than stop listening until the driver kicks.
+            profile = dataclasses.replace(profile, rx_full="drop")
         self.profile = profile
         self.name = str(self.spec)
         self.log = log.bind(device=self.name)
