@@ -17,12 +17,13 @@ inside a trio test loses its reason in the report:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from vduproxy.testing.vdpa_harness import DeviceHarness, open_spec, suite_device_specs
-from vduproxy.vdpa.device import VdpaDevice
+from vduproxy.vdpa.device import BackendF, VdpaDevice
 from vduproxy.virtio import NetF
 
 
@@ -32,6 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "needs_backend(*features): BackendF bits the device must offer, else the test is skipped",
         "needs_pairs(n): queue pairs the device must have, else the test is skipped",
         "needs_fault_events: the device must report faults through fault_fd(), else the test is skipped",
+        "lacks_backend(*features): BackendF bits the device must not offer (tests of a refusal)",
         "harness(**kwargs): keyword arguments for the DeviceHarness of the `harness` fixture",
     ):
         config.addinivalue_line("markers", line)
@@ -84,3 +86,62 @@ def harness(device: VdpaDevice, request: pytest.FixtureRequest) -> Iterator[Devi
             pytest.skip(reason)
         h.bring_up()
         yield h
+
+
+def _offers(spec: str) -> tuple[int, int, int, bool]:
+    """What a device offers: features, backend features, queue pairs, fault events (opened and closed again)."""
+    dev = open_spec(spec)
+    try:
+        features = dev.get_features()
+        pairs = int.from_bytes(dev.get_config(8, 2), "little") if features & NetF.MQ else 1
+        return features, dev.get_backend_features(), max(pairs, 1), dev.fault_fd() >= 0
+    finally:
+        dev.close()
+
+
+def _lacks(item: pytest.Item, offers: tuple[int, int, int, bool]) -> str | None:
+    features, backend, pairs, faults = offers
+    for mark in item.iter_markers("needs"):
+        for f in mark.args:
+            if not features & f:
+                return f"does not offer {NetF(f).name}"
+    for mark in item.iter_markers("needs_backend"):
+        for f in mark.args:
+            if not backend & f:
+                return f"does not offer backend feature {BackendF(f).name}"
+    for mark in item.iter_markers("lacks_backend"):
+        for f in mark.args:
+            if backend & f:
+                return f"offers backend feature {BackendF(f).name} (the test is about a device without it)"
+    mark = item.get_closest_marker("needs_pairs")
+    if mark is not None and pairs < mark.args[0]:
+        return f"has {pairs} queue pair(s), the test needs {mark.args[0]}"
+    if item.get_closest_marker("needs_fault_events") and not faults:
+        return "reports no fault events"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that needs what a device does not offer is not collected for that device (a capability, not a
+    failure and not a skip); each such combination is printed with its reason."""
+    offers: dict[str, tuple[int, int, int, bool]] = {}
+    keep: list[pytest.Item] = []
+    dropped: list[tuple[pytest.Item, str]] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        spec = callspec.params.get("device_spec") if callspec is not None else None
+        if not isinstance(spec, str):
+            keep.append(item)
+            continue
+        if spec not in offers:
+            offers[spec] = _offers(spec)
+        reason = _lacks(item, offers[spec])
+        if reason is None:
+            keep.append(item)
+        else:
+            dropped.append((item, f"{spec} {reason}"))
+    if dropped:
+        config.hook.pytest_deselected(items=[i for i, _ in dropped])
+        items[:] = keep
+        for item, why in dropped:
+            print(f"device suite: not applicable: {item.nodeid}: {why}", file=sys.__stderr__, flush=True)

@@ -319,10 +319,10 @@ async def test_suspend_resume_traffic_continues(harness: DeviceHarness) -> None:
     assert h.device.get_vring_base(h.tx_vq(0).index) == (base + 1 + len(after) + 1) & 0xFFFF
 
 
+@pytest.mark.lacks_backend(BackendF.RESUME)
 def test_resume_without_backend_feature_fails(harness: DeviceHarness) -> None:
     h = harness
-    if h.backend_offered & BackendF.RESUME:
-        pytest.skip(f"{h.device.name} offers RESUME")
+    assert not h.backend_offered & BackendF.RESUME
     with pytest.raises(DeviceError):
         h.resume()
 
@@ -496,11 +496,11 @@ async def test_reset_drops_maps(harness: DeviceHarness) -> None:
     dev.iotlb_invalidate(iova, size)
 
 
+@pytest.mark.needs_backend(BackendF.IOTLB_PERSIST)
 def test_iotlb_persist_keeps_maps_across_reset(device: VdpaDevice) -> None:
     with DeviceHarness(device, backend_wanted=int(BackendF.IOTLB_PERSIST | BackendF.IOTLB_MSG_V2)) as h:
         h.negotiate_backend()
-        if not h.has_backend(BackendF.IOTLB_PERSIST):
-            pytest.skip(f"{device.name} does not offer backend feature IOTLB_PERSIST")
+        assert h.has_backend(BackendF.IOTLB_PERSIST)
         h.negotiate()
         h.plan()
         h.map_memory()

@@ -243,50 +243,85 @@ def _tap_usable() -> bool:
     return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
 
-@pytest.mark.skipif(not _tap_usable(), reason="needs root and /dev/net/tun")
-def test_tap_frames_wait_in_the_tap_queue_while_rx_is_full() -> None:
-    import fcntl
-    import socket
+class TapPeer:
+    """The host side of the sim's TAP: the interface up without IPv6 chatter, and a raw socket on it."""
 
-    ifname = f"vdubp{os.getpid() % 100000}"
-    with SimDevice(f"sim:profile=basic,tap={ifname}") as dev:
-        g = Guest(dev)
-        pkt = None
-        try:
-            # no IPv6 autoconfiguration traffic: only the test's frames reach the device
-            no_v6 = pathlib.Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
-            if no_v6.exists():
-                no_v6.write_text("1")
-            ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, ifname: str) -> None:
+        import fcntl
+        import socket
+
+        # no IPv6 autoconfiguration traffic: only the test's frames reach the device
+        no_v6 = pathlib.Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
+        if no_v6.exists():
+            no_v6.write_text("1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
             req = struct.pack("16sH14x", ifname.encode(), 0)
             flags = struct.unpack_from("<H", fcntl.ioctl(ctl, 0x8913, req), 16)[0]  # SIOCGIFFLAGS
             fcntl.ioctl(ctl, 0x8914, struct.pack("16sH14x", ifname.encode(), flags | 1))  # IFF_UP
-            ctl.close()
-            pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
-            pkt.bind((ifname, 0))
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        self.sock.bind((ifname, 0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def receive_ours(g: Guest, count: int) -> list[bytes]:
+    """The test's frames (ethertype 0x88b5) among what RX 0 delivers, until `count` or the wait bound."""
+    ours: list[bytes] = []
+    deadline = time.monotonic() + WAIT_S
+    while len(ours) < count and time.monotonic() < deadline:
+        got = [g.received(e)[1] for e in g.rings[0].poll_used()]
+        ours += [f for f in got if f[12:14] == b"\x88\xb5"]
+        time.sleep(0.01)
+        drain(g.call[0])
+    return ours
+
+
+@pytest.mark.skipif(not _tap_usable(), reason="needs root and /dev/net/tun")
+def test_tap_frames_wait_in_the_tap_queue_while_rx_is_full() -> None:
+    ifname = f"vdubp{os.getpid() % 100000}"
+    with SimDevice(f"sim:profile=basic,tap={ifname},rx_full=wait") as dev:
+        g = Guest(dev)
+        peer = TapPeer(ifname)
+        try:
             g.start()
             sent = [frame_to(BCAST, f"tap frame {i}".encode()) for i in range(8)]
-            pkt.send(sent[0])
+            peer.sock.send(sent[0])
             wait_until(lambda: dev.vq_waits(0) == 1, "the device noticing a frame it has no room for")
             for f in sent[1:]:
-                pkt.send(f)
+                peer.sock.send(f)
             # the queued frames must not keep the thread busy: it stops polling the TAP until RX has room
             before = dev.rounds()
             time.sleep(0.3)
             assert dev.rounds() - before <= 1
             g.post_rx(count=2 * len(sent))  # room for whatever else the kernel sends out of the TAP
-            ours: list[bytes] = []
-            deadline = time.monotonic() + WAIT_S
-            while len(ours) < len(sent) and time.monotonic() < deadline:
-                got = [g.received(e)[1] for e in g.rings[0].poll_used()]
-                ours += [f for f in got if f[12:14] == b"\x88\xb5"]
-                time.sleep(0.01)
-                drain(g.call[0])
-            assert ours == sent
+            assert receive_ours(g, len(sent)) == sent
             assert dev.vq_stats(0).dropped == 0
         finally:
-            if pkt is not None:
-                pkt.close()
+            peer.close()
+            g.close()
+
+
+@pytest.mark.skipif(not _tap_usable(), reason="needs root and /dev/net/tun")
+def test_tap_drops_like_a_nic_by_default() -> None:
+    """A TAP is a network: by default a full RX drops what arrives, and later frames still get through."""
+    ifname = f"vdubq{os.getpid() % 100000}"
+    with SimDevice(f"sim:profile=basic,tap={ifname}") as dev:
+        assert dev.profile.rx_full == "drop"
+        g = Guest(dev)
+        peer = TapPeer(ifname)
+        try:
+            g.start()
+            lost = frame_to(BCAST, b"arrives while RX is full")
+            peer.sock.send(lost)
+            wait_until(lambda: dev.vq_stats(0).dropped >= 1, "the frame dropped")
+            g.post_rx(count=8)
+            later = frame_to(BCAST, b"arrives with room")
+            peer.sock.send(later)
+            assert receive_ours(g, 1) == [later]
+            assert dev.vq_waits(0) == 0
+        finally:
+            peer.close()
             g.close()
 
 

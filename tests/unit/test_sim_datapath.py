@@ -3,6 +3,7 @@ through the IOTLB, with vduproxy.vring.SplitRingDriver playing the driver."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vduproxy.vdpa.device import BackendF, Perm
+from vduproxy.vdpa.device import BackendF, DeviceError, Perm
 from vduproxy.vdpa.sim import SimDevice
 from vduproxy.virtio import VIRTIO_NET_HDR_LEN, NetF, Status
 from vduproxy.vring import Buf, RingLayout, SplitRingDriver
@@ -174,6 +175,10 @@ class Guest:
         return self.mm[ack]
 
     def close(self) -> None:
+        # Stop the device before the memory goes: its thread reaches the rings through raw pointers (where
+        # the kernel would have pinned the pages), and may still be finishing a round or re-checking a ring.
+        with contextlib.suppress(DeviceError):
+            self.dev.set_status(0)
         for fd in [*self.kick.values(), *self.call.values()]:
             os.close(fd)
         self.mv.release()

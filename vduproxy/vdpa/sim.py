@@ -9,8 +9,9 @@ Device spec: `sim[:key=value,...]` with keys
   tap=IFNAME             TAP interface for backend=tap (implies it)
   mac=02:00:00:00:00:01  overrides the profile's MAC
   busy_poll_us=N         keep polling N µs after the last work before sleeping in epoll
-  rx_full=wait|drop      loopback, RX of the pair out of buffers: the TX chain waits for RX buffers
-                         (back-pressure, nothing lost) or the frame is dropped (vdpa_sim_net's behaviour)
+  rx_full=wait|drop      RX out of buffers: wait (loopback: the TX chain stays un-consumed until RX buffers
+                         come, nothing lost; TAP: frames stay queued in the TAP) or drop (vdpa_sim_net's
+                         loopback; a NIC). Default: the profile's with backend=loopback, drop otherwise
   fault=KIND@TARGET[+...]  faults injected at open, for tests (see `SimDevice.inject_fault`):
                          iotlb_miss@vqN, stuck@vqN, ioctl@OP (OP fails once), vanish@device
 """
@@ -102,7 +103,7 @@ class Profile:
     rx_filter: str  # "all": accept everything until the driver programs the filter; "mac": like vdpa_sim_net
     max_iotlb_entries: int
     busy_poll_us: int
-    rx_full: str  # "wait": loopback TX waits for RX buffers; "drop": the frame is dropped like vdpa_sim_net
+    rx_full: str  # "wait": frames wait for RX buffers (back-pressure); "drop": dropped like vdpa_sim_net
 
     @property
     def has_cvq(self) -> bool:

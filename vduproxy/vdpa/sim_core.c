@@ -1135,15 +1135,45 @@ static bool tap_readable(const struct sim_dev *d)
 }
 
 /*
- * TAP → RX 0. A frame is only read when RX 0 has a buffer, and one that finds too few buffers (mergeable RX)
- * is kept in tap_buf until more come: while RX 0 is full, frames stay in the TAP's queue, where the kernel
- * queues and eventually drops them as it does for any slow reader. Sets d->tap_blocked when it stopped for
- * lack of room.
+ * TAP → RX 0, rx_full=drop: like a NIC, every frame is taken off the wire and dropped when RX 0 is stopped
+ * or has no room for it.
+ */
+static uint32_t process_tap_rx_drop(struct sim_dev *d)
+{
+    struct vq *rq = &d->vq[0];
+    uint32_t done = 0;
+    d->tap_blocked = d->tap_waiting = false;
+    d->tap_len = 0;
+    while (done < SIM_BUDGET) {
+        ssize_t n = read(d->tap_fd, d->tap_buf, SIM_MAX_FRAME);
+        if (n <= 0) {
+            break;
+        }
+        struct seg s = {d->tap_buf, (size_t)n};
+        struct cur src;
+        cur_init(&src, &s, 1);
+        enum rx_result res = deliver_rx(d, 0, &src, (size_t)n, d->tap_buf, (size_t)n);
+        if (res == RX_NOROOM || res == RX_STOPPED) {
+            rq->dropped++; /* deliver_rx counts only the drops it decides itself */
+        }
+        done++;
+    }
+    return done;
+}
+
+/*
+ * TAP → RX 0, rx_full=wait. A frame is only read when RX 0 has a buffer, and one that finds too few buffers
+ * (mergeable RX) is kept in tap_buf until more come: while RX 0 is full or stopped, frames stay in the TAP's
+ * queue, where the kernel queues and eventually drops them as it does for any slow reader. Sets
+ * d->tap_blocked when it stopped for lack of room or a stopped RX 0.
  */
 static uint32_t process_tap_rx(struct sim_dev *d)
 {
     struct vq *rq = &d->vq[0];
     uint32_t done = 0;
+    if (!d->p.rx_full_wait) {
+        return process_tap_rx_drop(d);
+    }
     bool was_waiting = d->tap_waiting;
     d->tap_blocked = d->tap_waiting = false;
     while (done < SIM_BUDGET) {

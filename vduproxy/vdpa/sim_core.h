@@ -48,7 +48,7 @@ struct sim_params {
     uint32_t filter_mac_only; /* reset filter like vdpa_sim_net (unicast by MAC) instead of promiscuous */
     uint32_t busy_poll_us;   /* keep polling this long after the last progress before sleeping; 0 = off */
     uint32_t max_iotlb_entries; /* per address space */
-    uint32_t rx_full_wait;   /* loopback, RX out of buffers: TX waits for more (1) or the frame is dropped (0) */
+    uint32_t rx_full_wait;   /* RX out of buffers: loopback TX / TAP frames wait for more (1) or are dropped (0) */
     char tap_name[SIM_TAP_NAME_LEN]; /* interface name for SIM_BACKEND_TAP */
     uint8_t config[SIM_CONFIG_SIZE]; /* initial struct virtio_net_config, little endian */
 };
