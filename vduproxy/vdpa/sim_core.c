@@ -9,6 +9,12 @@
  *
  * Fairness: a thread that re-takes a mutex in a loop can starve a waiter; API callers announce themselves in
  * `waiters` and the thread steps aside (condition wait) until they are done.
+ *
+ * Sleeping without losing a wake-up: kick eventfds are drained before a round, never after, so a kick that
+ * lands during the round wakes the next epoll_wait. Before sleeping, each consumer that stopped asks for the
+ * kick that restarts it (avail_event with EVENT_IDX; this device never sets VRING_USED_F_NO_NOTIFY) and
+ * re-reads avail->idx after a full barrier; used->idx is published before used_event / NO_INTERRUPT is read,
+ * with a full barrier between (vq_flush). A TX chain waiting for RX room asks for an RX kick instead.
  */
 #define _GNU_SOURCE
 #include "sim_core.h"
