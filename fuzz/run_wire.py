@@ -184,8 +184,7 @@ def one_input(data: bytes, stats: Stats, base_fd: int) -> None:
                 stats.requests += 1
                 if cfg & 0x10 and len(req.fds):
                     taken.append(req.fds.take(0))
-                # POSTCOPY_ADVISE's empty reply cannot be built (a known bug): fail it so the stream goes on
-                error = 1 if (cfg & 0x20 or req.req is Req.POSTCOPY_ADVISE) else 0
+                error = 1 if cfg & 0x20 else 0
                 conn.complete(req, reply_for(req), error=error)
             if cfg & 0x40 == 0 and conn.has_partial() and conn.missing_bytes() > bound:
                 raise Violation("waiting for more than the buffer bound")

@@ -23,9 +23,14 @@ SECONDS = 20
 HAVE_LIBFUZZER = shutil.which("clang") is not None and bool(
     glob.glob("/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a")
 )
-needs_libfuzzer = pytest.mark.skipif(
-    not HAVE_LIBFUZZER, reason="clang with the libFuzzer runtime (apt: clang libclang-rt-14-dev) is not installed"
-)
+# scripts/setup.sh installs clang and the libFuzzer runtime: without them the install is broken, not optional
+needs_libfuzzer = pytest.mark.usefixtures("_libfuzzer_installed")
+
+
+@pytest.fixture
+def _libfuzzer_installed() -> None:
+    if not HAVE_LIBFUZZER:
+        pytest.fail("clang with the libFuzzer runtime is missing (apt: clang libclang-rt-14-dev; scripts/setup.sh)")
 
 
 def run_fuzzer(out: pathlib.Path, seconds: int, *flags: str, env: dict[str, str] | None = None) -> tuple[int, str]:

@@ -10,7 +10,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -71,10 +70,6 @@ def test_every_ioctl_the_protocol_needs_is_defined() -> None:
     assert set(KNOWN_NUMBERS) <= {i.name for i in Ioctl}
 
 
-@pytest.mark.skipif(
-    shutil.which("cc") is None or not Path("/usr/include/linux/vhost.h").exists(),
-    reason="no C compiler/headers",
-)
 def test_ioctl_numbers_against_installed_header(tmp_path: Path) -> None:
     """Whatever this host's <linux/vhost.h> defines must agree with the computed numbers."""
     lines = ["#include <stdio.h>", "#include <linux/vhost.h>", "int main(void) {"]

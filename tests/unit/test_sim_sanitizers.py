@@ -32,7 +32,7 @@ def _libasan() -> str | None:
 def test_sim_core_is_clean_under_asan_and_ubsan(tmp_path: pathlib.Path) -> None:
     libasan = _libasan()
     if libasan is None:
-        pytest.skip("gcc with libasan not available")
+        pytest.fail("gcc with libasan not available: scripts/setup.sh installs build-essential")
     pkg = tmp_path / "vduproxy"
     shutil.copytree(ROOT / "vduproxy", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     for name in TESTS:

@@ -623,7 +623,7 @@ def _simple(name: str, layout: Any, cls: type[T]) -> Codec:
     return Codec(name, size=layout.sizeof(), decode=dec, encode=enc, value_type=cls)
 
 
-EMPTY = Codec("empty", size=0, decode=lambda d: None, encode=lambda v: b"", value_type=None)
+EMPTY = Codec("empty", size=0, decode=lambda d: None, encode=lambda v: b"", value_type=None, nullable=True)
 U64 = Codec("u64", size=8, decode=lambda d: int(_U64.parse(d)), encode=_u64_in_range, value_type=int)
 VRING_STATE = _simple("vring state", _VRING_STATE, VringState)
 VRING_ADDR = _simple("vring address", _VRING_ADDR, VringAddr)
