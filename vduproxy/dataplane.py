@@ -598,12 +598,6 @@ class DeviceDataPlane:
                 ring.base = dev_base
         try:
             self.dev.set_status(0)
-            # A reset keeps the eventfds a device was given (vhost-vdpa and the sim alike): drop them, or a
-            # finished connection's kick/call fds (QEMU's, in passthrough) stay pinned until the next configuration.
-            for idx in self.configured:
-                with contextlib.suppress(DeviceError):
-                    self.dev.set_vring_kick(idx, -1)
-                    self.dev.set_vring_call(idx, -1)
         finally:
             self._forget_configuration()
 
