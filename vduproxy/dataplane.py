@@ -13,6 +13,8 @@ descriptors carry the guest's own addresses. Shadow rings and the proxy's CVQ li
 vhost-user has no DRIVER_OK (STATUS is not offered to QEMU 7.2), and a vhost-vdpa device cannot take new ring
 addresses after DRIVER_OK, so every change (a ring starts or stops, new memory, a mode switch) is applied the same
 way: stop the SVQ thread, suspend, read each ring's exact base (draining the SVQ), reset, configure, DRIVER_OK.
+With IOTLB_PERSIST (the sim; Linux >= 6.7) the maps survive that reset, so what did not move (guest memory, the
+shadow area, the CVQ) is not mapped again: a mode switch then costs ring programming, not page pinning.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ log = get_logger(__name__)
 
 WANTED_BACKEND = (
     BackendF.IOTLB_MSG_V2 | BackendF.IOTLB_BATCH | BackendF.IOTLB_ASID | BackendF.SUSPEND | BackendF.RESUME
-    | BackendF.ENABLE_AFTER_DRIVER_OK
+    | BackendF.ENABLE_AFTER_DRIVER_OK | BackendF.IOTLB_PERSIST
 )  # fmt: skip
 # What the SVQ can give a guest whatever the device does (so a guest can move to a device from another vendor):
 # indirect tables are flattened, num_buffers is written, event idx is handled per side, and guest receive
@@ -65,6 +67,7 @@ GUEST_HIDDEN = (
 )  # fmt: skip
 IOVA_CEILING = (1 << 48) - 1  # stay inside what every IOMMU-backed parent can address
 PAGE = 4096
+CVQ_AREA = 16 * PAGE
 SVQ_MODES = ("auto", "always", "never")
 
 
@@ -266,6 +269,11 @@ class DeviceDataPlane:
         self.transient_shadow = False
         self.inject_off = 0
         self._iova_next = 0
+        self._cvq_iova = 0
+        self._fd_vqs: set[int] = set()  # vqs the device was given an eventfd for (unbound at close)
+        # ASID-0 maps this connection made (guest regions, shadow area): (asid, iova) -> (size, uaddr). With
+        # IOTLB_PERSIST they outlive a reset and are reused; every other reset empties it.
+        self._maps: dict[tuple[int, int], tuple[int, int]] = {}
 
     # --- DataPlane -----------------------------------------------------------------------------------------
     def device_features(self) -> int:
@@ -292,6 +300,8 @@ class DeviceDataPlane:
 
     async def set_memory(self, mem: MemoryMap | None) -> None:
         self.mem = mem
+        if not self.configured:
+            self._forget_configuration()  # maps kept for the old memory must not outlive it
         if self.configured:
             await self._reconfigure("memory table changed")
 
@@ -492,11 +502,20 @@ class DeviceDataPlane:
             self._stop_device()
         except DeviceError as exc:
             self.log.error("device_stop_failed", error=str(exc))
-            self._forget_configuration()
+        self._forget_configuration()
         try:
             self.session.reset()
         except DeviceError as exc:
             self.log.error("device_reset_failed", error=str(exc))
+        # A reset leaves the device holding the last kick/call eventfds it was given (vhost-vdpa and the sim
+        # alike): unbind them, or a finished connection's eventfds stay pinned until the next configuration.
+        for idx in sorted(self._fd_vqs):
+            for unbind in (self.dev.set_vring_kick, self.dev.set_vring_call):
+                try:
+                    unbind(idx, -1)
+                except DeviceError as exc:
+                    self.log.debug("eventfd_unbind_failed", vq=idx, error=str(exc))
+        self._fd_vqs.clear()
         if self.svq is not None:
             self.svq.close()
             self.svq = None
@@ -571,8 +590,43 @@ class DeviceDataPlane:
         self._iova_next = iova
         return iova
 
-    def _stop_device(self) -> None:
-        """Stop the SVQ thread, suspend, record each running ring's exact base (draining the SVQ), reset."""
+    @property
+    def _persist(self) -> bool:
+        return bool(self.info.backend_features & BackendF.IOTLB_PERSIST)
+
+    def _reset_device(self) -> None:
+        try:
+            self.dev.set_status(0)
+        finally:
+            if not self._persist:
+                self._maps.clear()  # the reset dropped them
+
+    def _sync_maps(self, wanted: dict[tuple[int, int], tuple[int, int]]) -> None:
+        """Make the device's ASID-0 maps made by this connection exactly `wanted` (stale ones first: a new range
+        may overlap an old one, and vhost-vdpa refuses an overlapping update)."""
+        for key, (size, uaddr) in list(self._maps.items()):
+            if wanted.get(key) != (size, uaddr):
+                del self._maps[key]
+                self.dev.iotlb_invalidate(key[1], size, key[0])
+        for key, (size, uaddr) in wanted.items():
+            if key not in self._maps:
+                self.dev.iotlb_update(key[1], size, uaddr, Perm.RW, key[0])
+                self._maps[key] = (size, uaddr)
+
+    def _drop_maps(self) -> None:
+        """Invalidate every map this connection made: a persisted map would otherwise pin (kernel) or point at
+        (sim) memory the connection is about to release."""
+        maps, self._maps = self._maps, {}
+        for (asid, iova), (size, _uaddr) in maps.items():
+            try:
+                self.dev.iotlb_invalidate(iova, size, asid)
+            except DeviceError as exc:
+                self.log.warning("iotlb_invalidate_failed", iova=hex(iova), error=str(exc))
+
+    def _stop_device(self, *, keep: bool = False) -> None:
+        """Stop the SVQ thread, suspend, record each running ring's exact base (draining the SVQ), reset.
+
+        keep: the next configuration follows at once, so what a persistent IOTLB kept stays set up."""
         if not self.configured:
             return
         if self.svq is not None and self.shadow_active:
@@ -596,13 +650,19 @@ class DeviceDataPlane:
                     self.log.error("svq_drain_failed", vq=idx, error=str(exc))
             else:
                 ring.base = dev_base
+        keep = keep and self._persist
         try:
-            self.dev.set_status(0)
-        finally:
+            self._reset_device()
+        except BaseException:
             self._forget_configuration()
+            raise
+        self._forget_configuration(keep=keep)
 
-    def _forget_configuration(self) -> None:
-        """Release what the last configuration held (also after a device error half-way)."""
+    def _forget_configuration(self, *, keep: bool = False) -> None:
+        """Release what the last configuration held (also after a device error half-way).
+
+        keep: the device was reset with its IOTLB kept; the shadow area and the CVQ (memory and maps) stay for
+        the next configuration, which reuses or releases them."""
         if self.svq is not None:
             with contextlib.suppress(SvqError):
                 self.svq.stop()
@@ -611,18 +671,21 @@ class DeviceDataPlane:
                     self.svq.detach(idx)
             with contextlib.suppress(SvqError):
                 self.svq.set_inject_area(0, 0, 0)
-        if self.cvq is not None:
-            self.cvq.close()
-            self.cvq = None
         for sh in self.shadows.values():
             os.close(sh.kick)
             os.close(sh.call)
         self.shadows.clear()
+        self.configured = {}
+        self.shadow_active = False
+        if keep:
+            return
+        if self.cvq is not None:
+            self.cvq.close()
+            self.cvq = None
+        self._drop_maps()
         if self.area is not None:
             self.area.close()
             self.area = None
-        self.configured = {}
-        self.shadow_active = False
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
@@ -641,18 +704,24 @@ class DeviceDataPlane:
                 # never leave the device half-configured (status bits set, maps in place): the next attempt
                 # starts from a reset device
                 with contextlib.suppress(DeviceError):
-                    self.dev.set_status(0)
+                    self._reset_device()
                 self._forget_configuration()
                 raise
 
     async def _reconfigure_locked(self, why: str) -> None:
         t0 = time.perf_counter()
         was_shadow = self.shadow_active if self.configured else None
-        self._stop_device()
-        if not self.rings or self.mem is None:
+        self._stop_device(keep=True)
+        if self.mem is None:
+            self._forget_configuration()
             return
+        if not self.rings:
+            return  # QEMU stops and restarts rings one by one: what the IOTLB kept is reused on the next start
         shadow = self._want_shadow()
         self._iova_next = min(self.info.iova_last, IOVA_CEILING) + 1
+        if self.info.features & NetF.CTRL_VQ and self._cvq_index() < self.info.vqs:
+            # The CVQ's slot first, at the top whatever the mode: a kept CVQ never collides with the shadow area.
+            self._cvq_iova = self._alloc_iova(CVQ_AREA)
         dev = self.dev
         status = Status.ACKNOWLEDGE | Status.DRIVER
         dev.set_status(status)
@@ -662,20 +731,26 @@ class DeviceDataPlane:
         dev.set_status(status)
         if not dev.get_status() & Status.FEATURES_OK:
             raise DeviceError("set_status", f"device refused features {features:#x}")
+        wanted: dict[tuple[int, int], tuple[int, int]] = {}
+        for region in self.mem.regions:
+            end = region.gpa + region.size - 1
+            if not (self.info.iova_first <= region.gpa and end <= self.info.iova_last):
+                raise DeviceError("iotlb_update", f"guest range {region.gpa:#x}-{end:#x} outside IOVA range")
+            wanted[(0, region.gpa)] = (region.size, region.local_addr)
+        if shadow:
+            self._prepare_shadow_area()
+            assert self.area is not None
+            wanted[(0, self.area_iova)] = (self.area.size, self.area.local)
+        # In passthrough the shadow area is left unmapped (ASID 0 is the guest's: it could point descriptors at it).
         with dev.iotlb_batch():
-            for region in self.mem.regions:
-                end = region.gpa + region.size - 1
-                if not (self.info.iova_first <= region.gpa and end <= self.info.iova_last):
-                    raise DeviceError("iotlb_update", f"guest range {region.gpa:#x}-{end:#x} outside IOVA range")
-                dev.iotlb_update(region.gpa, region.size, region.local_addr, Perm.RW, 0)
-            if shadow:
-                self._map_shadow_area()
+            self._sync_maps(wanted)
         pending = self.session.pending_state
         # A restored state goes into the device through its CVQ before any data queue runs: with
         # ENABLE_AFTER_DRIVER_OK the data queues are enabled only after the replay; without it they are enabled
         # before DRIVER_OK (vhost-vdpa cannot enable later) but in SVQ mode stay empty until the replay is done,
         # and in passthrough the device may see guest frames during the (sub-millisecond) replay.
         defer_enable = pending is not None and bool(self.info.backend_features & BackendF.ENABLE_AFTER_DRIVER_OK)
+        self._fd_vqs.update(self.rings)
         if shadow:
             self._configure_shadow_rings(enable=not defer_enable)
         else:
@@ -689,6 +764,9 @@ class DeviceDataPlane:
                 dev.set_vring_enable(idx, not defer_enable)
         if features & NetF.CTRL_VQ:
             self._setup_cvq(shadow)
+        elif self.cvq is not None:
+            self.cvq.close()
+            self.cvq = None
         dev.set_status(status | Status.DRIVER_OK)
         self.configured = dict(self.rings)
         self.shadow_active = shadow
@@ -709,7 +787,9 @@ class DeviceDataPlane:
             features=hex(features), why=why, took_us=round(took),
         )  # fmt: skip
 
-    def _map_shadow_area(self) -> None:
+    def _prepare_shadow_area(self) -> None:
+        """The shadow rings' memory: the kept area when the rings still fit it (the SVQ clears each shadow ring
+        when it attaches), else a new one."""
         layouts = {}
         offset = 0
         for idx, ring in sorted(self.rings.items()):
@@ -719,9 +799,16 @@ class DeviceDataPlane:
             offset += layout.size
         self.inject_off = offset  # proxy-owned frames (a RARP) the SVQ puts on a TX ring
         offset += (INJECT_SLOT + PAGE - 1) & ~(PAGE - 1)
-        self.area = _Area(offset, "vduproxy-shadow")
+        if self.area is not None and self.area.size != offset:
+            old, self.area = self.area, None
+            key = (0, self.area_iova)
+            if self._maps.get(key, (0, 0))[1] == old.local:
+                del self._maps[key]
+                self.dev.iotlb_invalidate(self.area_iova, old.size, 0)
+            old.close()
+        if self.area is None:
+            self.area = _Area(offset, "vduproxy-shadow")
         self.area_iova = self._alloc_iova(self.area.size)
-        self.dev.iotlb_update(self.area_iova, self.area.size, self.area.local, Perm.RW, 0)
         for idx, (num, layout) in layouts.items():
             self.shadows[idx] = _Shadow(idx, num, layout, _eventfd(), _eventfd())
 
@@ -836,17 +923,25 @@ class DeviceDataPlane:
 
     def _setup_cvq(self, shadow: bool) -> None:
         cvq_index = self._cvq_index()
-        if cvq_index >= self.info.vqs:
+        if cvq_index >= self.info.vqs or (not shadow and not self._cvq_isolated()):
+            if self.cvq is not None:  # kept from an SVQ configuration: its map must not stay within the guest's reach
+                self.cvq.close()
+                self.cvq = None
+            if cvq_index < self.info.vqs:
+                self.log.info("cvq_not_in_passthrough", reason="the device cannot isolate its CVQ from guest memory")
             return
-        if not shadow and not self._cvq_isolated():
-            self.log.info("cvq_not_in_passthrough", reason="the device cannot isolate its CVQ from guest memory")
-            return
-        iova = self._alloc_iova(PAGE * 16)
-        self.cvq = CvqClient(self.dev, vq_index=cvq_index, iova=iova, data_vqs=cvq_index)
         try:
+            if self.cvq is not None and self.cvq.iova == self._cvq_iova:
+                self.cvq.rearm()
+                return
+            if self.cvq is not None:
+                self.cvq.close()
+            self.cvq = CvqClient(self.dev, vq_index=cvq_index, iova=self._cvq_iova, data_vqs=cvq_index)
             self.cvq.setup()
         except (CvqError, DeviceError) as exc:
             self.log.warning("cvq_unavailable", error=str(exc))
+            if self.cvq is not None:
+                self.cvq.close()
             self.cvq = None
 
     async def _after_driver_ok(self, features: int) -> None:

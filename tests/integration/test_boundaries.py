@@ -39,7 +39,7 @@ from vduproxy.testing.procs import short_socket_path
 from vduproxy.testing.proxy import open_proxy
 from vduproxy.testing.traffic import Pump
 from vduproxy.vhost_user.wire import REQUEST_FLAGS, LogArea, Req, VringAddr, VringState, build_header
-from vduproxy.virtio import VHOST_F_LOG_ALL
+from vduproxy.virtio import VHOST_F_LOG_ALL, NetF
 from vduproxy.vring import Buf
 
 pytestmark = pytest.mark.integration
@@ -199,6 +199,68 @@ async def test_passthrough_maps_no_proxy_memory_the_guest_could_reach(
             finally:
                 await fe.aclose()
                 driver.close()
+
+
+@pytest.mark.parametrize("persist", [True, False], ids=["iotlb-persist", "no-persist"])
+async def test_mode_switches_keep_the_guests_address_space_exact(
+    proxy_at: Callable[..., Any], sock_path: str, tmp_path: Path, persist: bool
+) -> None:
+    """Maps kept across resets (IOTLB_PERSIST) must never leave proxy memory in the guest's address space: after
+    any number of switches, passthrough has exactly the guest's regions in ASID 0, the SVQ adds only its shadow
+    area and (one address space) its CVQ; guest memory is mapped once, not per switch; a finished front-end
+    leaves no map behind."""
+    from vduproxy.testing.guest import GUEST_MAC
+
+    profile = tmp_path / "shared-as.toml"
+    text = SHARED_AS_PROFILE
+    if persist:
+        text = text.replace('"RESUME"]', '"RESUME", "IOTLB_PERSIST"]')
+    profile.write_text(text)
+    async with proxy_at(f"sim:profile={profile}", svq="auto", mac=GUEST_MAC):
+        session: Any = current_session()
+        dev = session.device
+        updates: list[int] = []
+        real_update = dev.iotlb_update
+
+        def counting_update(iova: int, size: int, uaddr: int, perm: Any, asid: int = 0) -> None:
+            updates.append(iova)
+            real_update(iova, size, uaddr, perm, asid)
+
+        dev.iotlb_update = counting_update
+        with GuestMemory(16 * MB, regions=2) as mem:
+            fe = await VhostUserFrontend.connect(sock_path)
+            # only what the device has: anything else would need the SVQ and no passthrough could be asked for
+            driver = VirtioNetDriver(mem, queue_size=256, features=NetF.VERSION_1 | NetF.MRG_RXBUF)
+            await fe.qemu72_connect()
+            await fe.qemu72_start(driver)
+            await fe.get_u64(Req.GET_FEATURES)
+            try:
+                dp = session.active()
+                regions = {r.gpa for r in dp.mem.regions}
+                assert len(regions) == 2
+                for i in range(8):
+                    await dp.force_mode(i % 2 == 0)
+                    if dp.shadow_active:
+                        # regions + shadow area + the CVQ (one address space: it can only live in ASID 0)
+                        assert dev.iotlb_map_count(0) == len(regions) + 2
+                    else:
+                        assert dev.iotlb_map_count(0) == len(regions), "proxy memory left where the guest reaches"
+                        assert dp.cvq is None
+                guest_maps = [iova for iova in updates if iova in regions]
+                if persist:
+                    assert len(guest_maps) == len(regions), "guest memory was mapped again on a mode switch"
+                else:
+                    assert len(guest_maps) > len(regions)  # each reset dropped them: mapped again every time
+                driver.send([make_frame(200, 1)])
+                with trio.fail_after(10):
+                    assert (await driver.receive_frames(1))[0] == make_frame(200, 1), "loopback after the switches"
+            finally:
+                await fe.aclose()
+                driver.close()
+            with trio.fail_after(10):
+                while session.active() is not None:
+                    await trio.sleep(0.01)
+            assert dev.iotlb_map_count(0) == 0, "a finished front-end left maps in the device"
 
 
 @pytest.mark.parametrize("direction", ["tx_reads", "rx_writes"])

@@ -475,6 +475,39 @@ class CvqClient:
             "cvq_setup", iova=hex(self.iova), size=self._size, asid=self.asid, ring_num=self.ring_num
         )
 
+    def rearm(self) -> None:
+        """After a device reset that kept the IOTLB (IOTLB_PERSIST acked): the same memory and map, a fresh ring.
+
+        Cheaper than close() + setup(), which a mode switch would otherwise pay for a map that never moved."""
+        if self._ring is None or self._view is None or not self._mapped:
+            raise CvqError("rearm needs a CVQ that was set up")
+        dev = self.device
+        status = dev.get_status()
+        if not status & Status.FEATURES_OK:
+            raise CvqError(f"device status {status:#x} is not FEATURES_OK: negotiate features before the CVQ")
+        layout = RingLayout.for_num(self.ring_num)
+        self._view[: layout.size] = bytes(layout.size)
+        ring = SplitRingDriver(self._view, layout, self.iova)
+        for fd in (self._kick, self._call):
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)  # a count left from before the reset would look like a completion
+        try:
+            if self.asid != 0:
+                dev.set_group_asid(dev.get_vring_group(self.vq_index), self.asid)
+            self._vq_set = True
+            dev.set_vring_num(self.vq_index, self.ring_num)
+            dev.set_vring_base(self.vq_index, 0)
+            dev.set_vring_addr(self.vq_index, ring.desc_addr, ring.avail_addr, ring.used_addr)
+            dev.set_vring_kick(self.vq_index, self._kick)
+            dev.set_vring_call(self.vq_index, self._call)
+            dev.set_vring_enable(self.vq_index, True)
+        except BaseException:
+            self.close()
+            raise
+        self._ring = ring
+        self._broken = None
+        self.log.debug("cvq_rearmed", iova=hex(self.iova), asid=self.asid)
+
     def close(self) -> None:
         """Undo setup. Device errors are logged, not raised: the device may have been reset already."""
         dev = self.device
