@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import time
 from typing import Any, Protocol
 
 import trio
@@ -529,7 +530,9 @@ class NetBackend:
         return Reply()
 
     async def _on_get_vring_base(self, req: Request) -> Reply:
+        t0 = time.perf_counter()
         ring = self._ring(req, req.body_as(VringState).index)
+        was_running = ring.started
         if ring.started:
             ring.base = await self.dp.stop_ring(ring)
             ring.started = False
@@ -538,7 +541,9 @@ class NetBackend:
             os.close(ring.kick_fd)
             ring.kick_fd = -1
         ring.has_kick = False
-        self.log.info("vring_stopped", vq=ring.index, base=ring.base)
+        # took_us: what the front-end waits for its reply (drain, and the restart of the rings that stay)
+        took_us = round((time.perf_counter() - t0) * 1e6)
+        self.log.info("vring_stopped", vq=ring.index, base=ring.base, was_running=was_running, took_us=took_us)
         return Reply(VringState(ring.index, ring.base))
 
     async def _on_set_vring_kick(self, req: Request) -> Reply:

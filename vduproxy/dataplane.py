@@ -68,6 +68,7 @@ GUEST_HIDDEN = (
 IOVA_CEILING = (1 << 48) - 1  # stay inside what every IOMMU-backed parent can address
 PAGE = 4096
 CVQ_AREA = 16 * PAGE
+RESTART_GRACE = 0.002  # s: a front-end's next GET_VRING_BASE comes within a round trip (QEMU, DPDK: < 0.1 ms)
 SVQ_MODES = ("auto", "always", "never")
 
 
@@ -270,6 +271,7 @@ class DeviceDataPlane:
         self.inject_off = 0
         self._iova_next = 0
         self._cvq_iova = 0
+        self._generation = 0  # bumped by every configuration change: a deferred restart that sees it move yields
         self._fd_vqs: set[int] = set()  # vqs the device was given an eventfd for (unbound at close)
         # ASID-0 maps this connection made (guest regions, shadow area): (asid, iova) -> (size, uaddr). With
         # IOTLB_PERSIST they outlive a reset and are reused; every other reset empties it.
@@ -321,9 +323,38 @@ class DeviceDataPlane:
         await self._reconfigure(f"vring {ring.index} started")
 
     async def stop_ring(self, ring: Vring) -> int:
+        """GET_VRING_BASE: stop the device (exact base for the reply); the rings that stay restart after the reply.
+
+        A front-end stops its rings one after the other (QEMU, DPDK): restarting the others before each reply
+        would put a whole device start into every GET_VRING_BASE — on the migration's stop path — only to undo
+        it at the next request. The restart waits RESTART_GRACE for that next request, and is dropped if it came."""
         self.rings.pop(ring.index, None)
-        await self._reconfigure(f"vring {ring.index} stopped")
+        if self._nursery is None or not self.rings:
+            await self._reconfigure(f"vring {ring.index} stopped")
+            return ring.base
+        async with self._locked():
+            self._generation += 1
+            try:
+                self._stop_device(keep=True)
+            except BaseException:
+                with contextlib.suppress(DeviceError):
+                    self._reset_device()
+                self._forget_configuration()
+                raise
+            generation = self._generation
+        self._nursery.start_soon(self._restart_after_stop, generation, ring.index)
         return ring.base
+
+    async def _restart_after_stop(self, generation: int, stopped: int) -> None:
+        await trio.sleep(RESTART_GRACE)
+        async with self._locked():
+            if generation != self._generation or self.configured or not self.rings:
+                return  # another change came first and configured (or stopped) the device itself
+            try:
+                await self._reconfigure(f"vring {stopped} stopped")
+            except (DeviceError, SvqError, CvqError) as exc:
+                # no request to fail any more: the rings stay stopped, and the operator is told why
+                self.log.error("restart_after_stop_failed", error=str(exc))
 
     async def set_log(self, log_fd: int, size: int, offset: int) -> None:
         """SET_LOG_BASE: map the front-end's dirty log; a new one replaces the old before the reply."""
@@ -498,6 +529,12 @@ class DeviceDataPlane:
 
     async def close(self) -> None:
         self.rings.clear()
+        # a background task (a restart after a stop, a RARP) may be half-way through the device: let it finish
+        with trio.CancelScope(shield=True):
+            async with self._locked():
+                self._close_locked()
+
+    def _close_locked(self) -> None:
         try:
             self._stop_device()
         except DeviceError as exc:
@@ -698,6 +735,7 @@ class DeviceDataPlane:
 
     async def _reconfigure(self, why: str) -> None:
         async with self._locked():
+            self._generation += 1
             try:
                 await self._reconfigure_locked(why)
             except BaseException:

@@ -62,14 +62,17 @@ async def open_proxy(
     log_dir: Path | None = None,
     name: str = "vduproxy",
     wait_listening: bool = True,
+    log_level: str = "debug",
 ) -> AsyncIterator[ProxyProcess]:
-    """Start `python -m vduproxy serve` on `socket`, wait until it listens, always stop it by PID."""
+    """Start `python -m vduproxy serve` on `socket`, wait until it listens, always stop it by PID.
+
+    log_level: tests want every event; a benchmark runs the proxy as an operator would (info)."""
     argv = [
         sys.executable,
         "-m",
         "vduproxy",
         "--log-level",
-        "debug",
+        log_level,
         "--log-format",
         "json",
         "serve",
