@@ -18,7 +18,9 @@ from .runner import ALL_CASES, DEFAULT_OUT, Settings, run, write_results
 
 # Two interleaved rounds rather than more windows in one: a burst of load from another job then hits one
 # round of every case instead of all the windows of one case.
-QUICK: dict[str, Any] = {"repeat": 2, "rounds": 2, "duration": 1.0, "warmup": 1.0, "connect_cycles": 2}
+QUICK: dict[str, Any] = {
+    "repeat": 2, "rounds": 2, "duration": 1.0, "warmup": 1.0, "connect_cycles": 2, "switch_cycles": 5,
+}  # fmt: skip
 
 
 def _cases(text: str) -> tuple[str, ...]:

@@ -113,6 +113,8 @@ TARGETS: tuple[Target, ...] = (
     Target("SVQ forwarding >= 90 % of the DPDK vhost PMD peer, 1500 B", "svq", 1500, "peer", low=0.90),
     Target("Passthrough within 5 % of the sim device alone, 64 B", "passthrough", 64, "device", 0.95, 1.05),
     Target("Dirty logging costs <= 10 % of SVQ throughput, 64 B", "svq-log", 64, "svq", low=0.90),
+    Target("Passthrough → SVQ switch <= 1 ms", "switch", None, None, high=1.0),
+    Target("GET_VRING_BASE drain <= 1 ms", "drain", None, None, high=1.0),
     Target("Proxy resident memory (peak) <= 60 MiB", "proxy-rss", None, None, high=60.0),
 )
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from vduproxy import __version__
+from vduproxy import __version__, control
 from vduproxy.log import get_logger
 from vduproxy.testing.dpdk import PortStats, Testpmd, TestpmdConfig, VhostVdev, VirtioUserVdev, open_testpmd
 from vduproxy.testing.proxy import ProxyProcess, open_proxy
@@ -46,10 +46,11 @@ PROXY_VQS = [0, 1]  # one queue pair: RX 0, TX 1
 LOOP_TX_FIRST = 8  # bursts of 32 put in flight by `start tx_first`, as in the test-bed baseline
 MiB = 1024
 MACHINE_BUSY = "_machine_busy"
+PROXY_LOG = "info"  # as an operator runs it: debug events cost a JSON line each on the control path
 
 OPEN_CASES = ("peer", "passthrough", "svq", "device", "svq-log")
 LOOP_CASES = ("loop-peer", "loop-passthrough", "loop-svq")
-CONTROL_CASES = ("control",)
+CONTROL_CASES = ("control", "switch")
 ALL_CASES = OPEN_CASES + LOOP_CASES + CONTROL_CASES
 
 TITLES = {
@@ -93,6 +94,7 @@ class Settings:
     loop_size: int = 64
     cases: tuple[str, ...] = ALL_CASES
     connect_cycles: int = 3
+    switch_cycles: int = 10
     mem_mb: int = 512
     svq_wait: float = 5.0  # how long the proxy gets to show a shadow virtqueue after the device started
     out: Path = DEFAULT_OUT
@@ -108,6 +110,7 @@ class Settings:
             "sizes": list(self.sizes),
             "loop_size": self.loop_size,
             "connect_cycles": self.connect_cycles,
+            "switch_cycles": self.switch_cycles,
             "testpmd_mem_mb": self.mem_mb,
         }
 
@@ -278,7 +281,9 @@ async def proxy_rig(ctx: Context, sender_mode: str, backend: str, svq: str, size
     device = f"sim:profile=rich,backend={backend}"
     name = ctx.name(f"vduproxy-{svq}")
     try:
-        async with open_proxy(sock, device, ["--svq", svq], log_dir=ctx.log_dir, name=name) as proxy:
+        async with open_proxy(
+            sock, device, ["--svq", svq], log_dir=ctx.log_dir, name=name, log_level=PROXY_LOG
+        ) as proxy:
             pin_threads(proxy.pid, ctx.backend_cpu)
             cfg = _sender_config(ctx, sock, sender_mode, size)
             async with open_testpmd(cfg, name=ctx.name("virtio-user"), log_dir=ctx.log_dir) as fe:
@@ -445,6 +450,116 @@ async def run_closed_loop(ctx: Context, case: str) -> None:
     await _guarded(ctx, [m], body)
 
 
+SWITCH_ROWS = {
+    "switch": "passthrough → SVQ switch under traffic (proxy's took_us)",
+    "switch-back": "SVQ → passthrough switch under traffic, drains the SVQ (proxy's took_us)",
+    "drain": "GET_VRING_BASE of a busy SVQ ring: request → reply (proxy's took_us)",
+}
+DRAIN_BURST = 192  # frames queued on TX (ring of 256) right before GET_VRING_BASE: the SVQ has work in flight
+
+
+def switch_samples(events: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """ms per forced mode switch (by the mode it switched to) and per GET_VRING_BASE of a running SVQ ring."""
+    out: dict[str, list[float]] = {"switch": [], "switch-back": [], "drain": []}
+    mode = None
+    for ev in events:
+        if ev.get("event") == "device_started":
+            if ev.get("why") == "mode forced" and mode is not None and ev.get("mode") != mode:
+                out["switch" if ev.get("mode") == "svq" else "switch-back"].append(ev["took_us"] / 1000)
+            mode = ev.get("mode")
+        elif ev.get("event") == "vring_stopped" and ev.get("was_running") and mode == "svq":
+            out["drain"].append(ev["took_us"] / 1000)
+    return out
+
+
+async def run_switch(ctx: Context) -> None:
+    """Forced passthrough ⇄ SVQ switches while testpmd txonly runs, then GET_VRING_BASE (testpmd `port stop`)
+    against a proxy forced into SVQ mode. Figures are the proxy's own timings from its JSON log."""
+    rows = {case: ctx.row(case, None, "control-plane", unit="ms") for case in SWITCH_ROWS}
+    for case, title in SWITCH_ROWS.items():
+        rows[case].title = title
+
+    async def body() -> None:
+        sock = ctx.sock_dir / "sw.sock"
+        ctl = ctx.sock_dir / "sw.ctl"
+        async with open_proxy(
+            sock, "sim:profile=rich,backend=sink", ["--svq", "auto", "--control", str(ctl)],
+            log_dir=ctx.log_dir, name=ctx.name("vduproxy-switch"), log_level=PROXY_LOG,
+        ) as proxy:  # fmt: skip
+            pin_threads(proxy.pid, ctx.backend_cpu)
+            cfg = _sender_config(ctx, sock, "txonly", 64)
+            async with open_testpmd(cfg, name=ctx.name("virtio-user"), log_dir=ctx.log_dir) as fe:
+                await proxy.wait_event("device_started", timeout=60, vqs=PROXY_VQS)
+                pin_threads(proxy.pid, ctx.backend_cpu)
+                await fe.start_forwarding()
+                await trio.sleep(ctx.settings.warmup)
+                for _ in range(ctx.settings.switch_cycles):
+                    for mode in ("svq", "passthrough"):
+                        await control.call(str(ctl), {"verb": "mode", "mode": mode})
+                        pin_threads(proxy.pid, ctx.backend_cpu)  # a new SVQ thread starts on every switch
+                        await trio.sleep(0.1)
+                await control.call(str(ctl), {"verb": "mode", "mode": "svq"})
+                for _ in range(ctx.settings.switch_cycles):
+                    # testpmd refuses to stop a port that forwards; the rings still hold what was in flight
+                    await fe.stop_forwarding()
+                    await fe.command("port stop 0")
+                    await fe.command("port start 0")
+                    pin_threads(proxy.pid, ctx.backend_cpu)
+                    await fe.start_forwarding()
+                    await trio.sleep(0.1)
+            got = switch_samples(proxy.events())
+        got["drain"] += await _drain_samples(ctx, rows["drain"])
+        for case, samples in got.items():
+            rows[case].samples = [round(x, 3) for x in samples]
+            if not samples:
+                _mark([rows[case]], Status.FAILED, "no such event in the proxy log")
+
+    await _guarded(ctx, list(rows.values()), body)
+
+
+async def _drain_samples(ctx: Context, row: Measurement) -> list[float]:
+    """GET_VRING_BASE against a proxy in SVQ mode while TX frames are in flight, from the project's front-end
+    (testpmd's `port stop` does not send it): one connection per sample, rings stopped in QEMU's order (RX, TX).
+    The front-end's own request → reply time is kept in extra for comparison."""
+    from vduproxy.testing.frontend import VhostUserFrontend
+    from vduproxy.testing.guest import GuestMemory, VirtioNetDriver, make_frame
+    from vduproxy.vhost_user.wire import Req
+
+    sock = ctx.sock_dir / "drain.sock"
+    round_trips: list[float] = []
+    async with open_proxy(
+        sock, "sim:profile=rich,backend=sink", ["--svq", "always"],
+        log_dir=ctx.log_dir, name=ctx.name("vduproxy-drain"), log_level=PROXY_LOG,
+    ) as proxy:  # fmt: skip
+        pin_threads(proxy.pid, ctx.backend_cpu)
+        for i in range(ctx.settings.switch_cycles):
+            with GuestMemory(64 << 20) as mem:
+                async with await VhostUserFrontend.connect(str(sock)) as fe:
+                    await fe.qemu72_connect()
+                    driver = VirtioNetDriver(mem, queue_size=256)
+                    try:
+                        await fe.qemu72_start(driver)
+                        await fe.get_u64(Req.GET_FEATURES)  # a round trip: the whole set-up is applied
+                        pin_threads(proxy.pid, ctx.backend_cpu)
+                        driver.send([make_frame(1500, i * DRAIN_BURST + k) for k in range(DRAIN_BURST)])
+                        for vq in (0, 1):
+                            t0 = trio.current_time()
+                            await fe.get_vring_base(vq)
+                            round_trips.append((trio.current_time() - t0) * 1000)
+                    finally:
+                        driver.close()
+            with trio.fail_after(30):  # one front-end at a time: the next one would be refused
+                while len(proxy.events("connection_closed")) <= i:
+                    await trio.sleep(0.01)
+        events = proxy.events()
+    row.extra["frontend_round_trip_ms"] = [round(x, 3) for x in round_trips]
+    row.notes.append(
+        f"{DRAIN_BURST} TX frames queued before each GET_VRING_BASE; the first of a pair also restarts the other "
+        "ring, which is what a front-end waits for"
+    )
+    return [ev["took_us"] / 1000 for ev in events if ev.get("event") == "vring_stopped" and ev.get("was_running")]
+
+
 async def run_control(ctx: Context) -> None:
     """Connect and disconnect a front-end `connect_cycles` times to one proxy: connect → device_started."""
     m = ctx.row("connect", None, "control-plane", unit="ms")
@@ -452,7 +567,8 @@ async def run_control(ctx: Context) -> None:
     async def body() -> None:
         sock = ctx.sock_dir / "ctl.sock"
         async with open_proxy(
-            sock, "sim:profile=rich,backend=sink", ["--svq", "never"], log_dir=ctx.log_dir, name=ctx.name("vduproxy")
+            sock, "sim:profile=rich,backend=sink", ["--svq", "never"], log_dir=ctx.log_dir, name=ctx.name("vduproxy"),
+            log_level=PROXY_LOG,
         ) as proxy:
             for _ in range(ctx.settings.connect_cycles):
                 cfg = _sender_config(ctx, sock, "io", ctx.settings.loop_size)
@@ -517,11 +633,7 @@ def finish_rows(ctx: Context) -> None:
     rss.extra["vmrss_mib"] = [round(x, 2) for x in ctx.rss_mib]
     if not rss.samples:
         _mark([rss], Status.NOT_AVAILABLE, "no proxy ran in this selection of cases")
-    for case, title, why in (
-        ("switch", "passthrough → SVQ switch time", "needs the run-time mode switch (--svq auto + LOG_ALL)"),
-        ("drain", "GET_VRING_BASE drain time", "needs the SVQ data path's drain events in the proxy log"),
-        ("downtime", "QEMU migration downtime vs DPDK", "QEMU migration benchmark comes later"),
-    ):
+    for case, title, why in (("downtime", "QEMU migration downtime vs DPDK", "QEMU migration benchmark comes later"),):
         m = ctx.row(case, None, "control-plane", unit="ms")
         m.title = title
         _mark([m], Status.NOT_AVAILABLE, why)
@@ -561,6 +673,8 @@ async def run(settings: Settings) -> BenchRun:
                     await run_closed_loop(ctx, case)
         if "control" in settings.cases:
             await run_control(ctx)
+        if "switch" in settings.cases:
+            await run_switch(ctx)
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
     finish_rows(ctx)

@@ -308,3 +308,22 @@ def test_cli_rejects_bad_values(argv: list[str], capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_switch_samples_from_proxy_events() -> None:
+    from bench.runner import switch_samples
+
+    def started(mode: str, why: str, us: int) -> dict[str, object]:
+        return {"event": "device_started", "mode": mode, "why": why, "took_us": us}
+
+    events = [
+        started("passthrough", "vring 1 started", 900),  # start-up: not a switch
+        started("svq", "mode forced", 400),
+        started("passthrough", "mode forced", 600),
+        started("passthrough", "mode forced", 50),  # forced into the mode it was in: no switch
+        {"event": "vring_stopped", "was_running": True, "took_us": 70},  # passthrough: not an SVQ drain
+        started("svq", "mode forced", 500),
+        {"event": "vring_stopped", "was_running": True, "took_us": 300},
+        {"event": "vring_stopped", "was_running": False, "took_us": 3},  # answered for a stopped ring
+    ]
+    assert switch_samples(events) == {"switch": [0.4, 0.5], "switch-back": [0.6], "drain": [0.3]}
