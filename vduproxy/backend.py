@@ -274,6 +274,7 @@ class NetBackend:
         self.mtu: int | None = None
         self.rarp_mac: bytes | None = None
         self.closed = False
+        self._closing = False
         self.touched_pairs = 0
         self._nursery: trio.Nursery | None = None
         self._transfer: trio.Event | None = None  # set when the device-state pipe transfer finished
@@ -313,9 +314,16 @@ class NetBackend:
         return reply
 
     async def close(self) -> None:
-        if self.closed:
+        if self.closed or self._closing:
             return
-        self.closed = True
+        # `closed` only once everything is released: the session reports this connection as attached until then
+        self._closing = True
+        try:
+            await self._close()
+        finally:
+            self.closed = True
+
+    async def _close(self) -> None:
         for ring in self.rings:
             if ring.started:
                 try:

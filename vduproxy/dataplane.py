@@ -68,6 +68,7 @@ GUEST_HIDDEN = (
 IOVA_CEILING = (1 << 48) - 1  # stay inside what every IOMMU-backed parent can address
 PAGE = 4096
 CVQ_AREA = 16 * PAGE
+ANNOUNCE_HOLD = 1.5  # s after the last RARP before a transient SVQ goes (QEMU's announce rounds: ~1.25 s)
 RESTART_GRACE = 0.002  # s: a front-end's next GET_VRING_BASE comes within a round trip (QEMU, DPDK: < 0.1 ms)
 SVQ_MODES = ("auto", "always", "never")
 
@@ -271,6 +272,7 @@ class DeviceDataPlane:
         self.inject_off = 0
         self._iova_next = 0
         self._cvq_iova = 0
+        self._announce_until = 0.0
         self._generation = 0  # bumped by every configuration change: a deferred restart that sees it move yields
         self._fd_vqs: set[int] = set()  # vqs the device was given an eventfd for (unbound at close)
         # ASID-0 maps this connection made (guest regions, shadow area): (asid, iova) -> (size, uaddr). With
@@ -342,7 +344,7 @@ class DeviceDataPlane:
                 self._forget_configuration()
                 raise
             generation = self._generation
-        self._nursery.start_soon(self._restart_after_stop, generation, ring.index)
+        self._nursery_soon(self._restart_after_stop, generation, ring.index)
         return ring.base
 
     async def _restart_after_stop(self, generation: int, stopped: int) -> None:
@@ -411,9 +413,15 @@ class DeviceDataPlane:
         self._nursery = nursery
         nursery.start_soon(self._watch_learned_mac)
 
-    def _nursery_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(fn)
+    def _nursery_soon(self, fn: Callable[..., Awaitable[None]], *args: object) -> bool:
+        """Start a background task of the connection; False once the connection is ending (nothing to do then)."""
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # "Nursery is closed to new arrivals": the connection's teardown has begun
+            return False
+        return True
 
     def _report_faults(self) -> None:
         """Device faults (an access to an unmapped IOVA…) and broken SVQ vqs become error events, once each."""
@@ -482,9 +490,30 @@ class DeviceDataPlane:
         except SvqError as exc:
             self.log.error("rarp_failed", mac=mac.hex(":"), error=str(exc))
         finally:
-            if transient:
+            if self.transient_shadow:
+                # QEMU announces a migrated guest several times (net/announce.c: 5 rounds over ~1.25 s): the SVQ
+                # stays for all of them rather than moving the rings twice per RARP
+                self._announce_until = trio.current_time() + ANNOUNCE_HOLD
+                if transient and not self._nursery_soon(self._end_transient_shadow):
+                    self.transient_shadow = False
+                    await self._reconfigure("rarp injected")
+
+    async def _end_transient_shadow(self) -> None:
+        while True:
+            await trio.sleep_until(self._announce_until)
+            async with self._locked():
+                if not self.transient_shadow:
+                    return
+                if trio.current_time() < self._announce_until:
+                    continue  # another RARP came: hold on
                 self.transient_shadow = False
-                await self._reconfigure("rarp injected")
+                if not self.configured or self._want_shadow() == self.shadow_active:
+                    return
+                try:
+                    await self._reconfigure("rarp injected")
+                except (DeviceError, SvqError, CvqError) as exc:
+                    self.log.error("restart_after_rarp_failed", error=str(exc))
+                return
 
     def save_state(self, frontend: FrontendSnapshot) -> bytes:
         carried = self.session.net_state

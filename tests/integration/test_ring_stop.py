@@ -80,3 +80,34 @@ async def test_a_ring_stopped_alone_leaves_the_other_running(proxy_at: Callable[
                     while dp.stats()[TX]["packets"] < before + 10:
                         await trio.sleep(0.01)
             driver.close()
+
+
+async def test_repeated_announcements_move_the_rings_once_each_way(
+    proxy_at: Callable[..., Any], sock_path: str
+) -> None:
+    """QEMU sends SEND_RARP five times after a migration. In passthrough only the SVQ can put the proxy's RARP on
+    the device's TX ring: one transient switch covers all five, and the rings go back once afterwards."""
+    from vduproxy.dataplane import rarp_frame
+    from vduproxy.testing.guest import GUEST_MAC
+    from vduproxy.vhost_user.wire import Rarp
+    from vduproxy.vhost_user.wire import Req as R
+
+    async with proxy_at("sim:profile=rich", svq="never"):
+        with GuestMemory(64 << 20) as mem:
+            fe, driver = await started(sock_path, mem)
+            async with fe:
+                dp = current_session().backends[-1].dp
+                assert not dp.shadow_active
+                driver.post_rx_buffers(0)
+                with capture_logs() as logs:
+                    for _ in range(5):
+                        await fe.send(R.SEND_RARP, Rarp(GUEST_MAC))
+                        await trio.sleep(0.1)
+                    with trio.fail_after(15):
+                        while dp.shadow_active or len([e for e in logs if e["event"] == "rarp_sent"]) < 5:
+                            await trio.sleep(0.02)
+                        got = await driver.receive_frames(5)  # the loopback brings every announcement back
+                assert got == [rarp_frame(GUEST_MAC)] * 5
+                whys = [e["why"] for e in starts(logs)]
+                assert whys == ["rarp injection", "rarp injected"], whys
+            driver.close()
