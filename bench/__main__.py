@@ -20,6 +20,7 @@ from .runner import ALL_CASES, DEFAULT_OUT, Settings, run, write_results
 # round of every case instead of all the windows of one case.
 QUICK: dict[str, Any] = {
     "repeat": 2, "rounds": 2, "duration": 1.0, "warmup": 1.0, "connect_cycles": 2, "switch_cycles": 5,
+    "migrations": 2,
 }  # fmt: skip
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, help="times every case is set up again, interleaved (default 1)")
     p.add_argument("--duration", type=_positive_float, help="seconds per measurement window (default 5)")
     p.add_argument("--warmup", type=_positive_float, help="seconds of traffic before the first window (default 3)")
+    p.add_argument("--migrations", type=_positive_int, help="QEMU migrations per back-end for `downtime` (default 5)")
     p.add_argument("--cases", type=_cases, help=f"comma-separated subset of: {','.join(ALL_CASES)}")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
     p.add_argument("--log-dir", type=Path, help="process logs (default: a new /tmp/vdup-bench-logs-* dir)")
@@ -67,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings(out=args.out, log_dir=args.log_dir, quick=args.quick)
     if args.quick:
         s = dataclasses.replace(s, **QUICK)
-    for name in ("repeat", "rounds", "duration", "warmup", "cases"):
+    for name in ("repeat", "rounds", "duration", "warmup", "cases", "migrations"):
         if getattr(args, name) is not None:
             s = dataclasses.replace(s, **{name: getattr(args, name)})
     return s

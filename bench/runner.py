@@ -50,7 +50,7 @@ PROXY_LOG = "info"  # as an operator runs it: debug events cost a JSON line each
 
 OPEN_CASES = ("peer", "passthrough", "svq", "device", "svq-log")
 LOOP_CASES = ("loop-peer", "loop-passthrough", "loop-svq")
-CONTROL_CASES = ("control", "switch")
+CONTROL_CASES = ("control", "switch", "downtime")
 ALL_CASES = OPEN_CASES + LOOP_CASES + CONTROL_CASES
 
 TITLES = {
@@ -95,6 +95,7 @@ class Settings:
     cases: tuple[str, ...] = ALL_CASES
     connect_cycles: int = 3
     switch_cycles: int = 10
+    migrations: int = 5  # per back-end (issue 7: the median of 5)
     mem_mb: int = 512
     svq_wait: float = 5.0  # how long the proxy gets to show a shadow virtqueue after the device started
     out: Path = DEFAULT_OUT
@@ -111,6 +112,7 @@ class Settings:
             "loop_size": self.loop_size,
             "connect_cycles": self.connect_cycles,
             "switch_cycles": self.switch_cycles,
+            "migrations": self.migrations,
             "testpmd_mem_mb": self.mem_mb,
         }
 
@@ -395,10 +397,13 @@ def _mark(rows: Sequence[Measurement], status: Status, reason: str) -> None:
         m.status, m.reason = status, reason
 
 
-async def _guarded(ctx: Context, rows: Sequence[Measurement], body: Callable[[], Awaitable[None]]) -> None:
+async def _guarded(
+    ctx: Context, rows: Sequence[Measurement], body: Callable[[], Awaitable[None]], timeout: float | None = None
+) -> None:
     """Run one case; its failure or unavailability is recorded on its rows, and the run goes on."""
+    s = ctx.settings
     try:
-        with trio.fail_after(120 + ctx.settings.repeat * ctx.settings.duration * 3 + ctx.settings.warmup * 3):
+        with trio.fail_after(timeout or 120 + s.repeat * s.duration * 3 + s.warmup * 3):
             await body()
     except NotAvailable as e:
         log.warning("case_not_available", case=rows[0].case, reason=str(e))
@@ -560,6 +565,50 @@ async def _drain_samples(ctx: Context, row: Measurement) -> list[float]:
     return [ev["took_us"] / 1000 for ev in events if ev.get("event") == "vring_stopped" and ev.get("was_running")]
 
 
+DOWNTIME_ROWS = {
+    "downtime": "QEMU migration downtime, vduproxy back-end (query-migrate)",
+    "downtime-peer": "QEMU migration downtime, DPDK vhost PMD back-end (query-migrate)",
+    "downtime-diff": "downtime: vduproxy median − DPDK median",
+}
+
+
+async def run_downtime(ctx: Context) -> None:
+    """bench/migration.py: one TCG guest per back-end migrated back and forth on this host, interleaved."""
+    from . import migration
+
+    rows = {case: ctx.row(case, None, "control-plane", unit="ms") for case in DOWNTIME_ROWS}
+    for case, title in DOWNTIME_ROWS.items():
+        rows[case].title = title
+
+    async def body() -> None:
+        cmp = await migration.compare_downtime(count=ctx.settings.migrations, log_dir=ctx.log_dir / "migration")
+        for case, backend in (("downtime", "vduproxy"), ("downtime-peer", "dpdk")):
+            res = cmp.results.get(backend)
+            m = rows[case]
+            if res is None or not res.samples:
+                _mark([m], Status.FAILED, (res.error if res is not None else None) or "no migration completed")
+                continue
+            m.samples = [round(x, 2) for x in res.downtimes]
+            for phase in migration.PHASES:
+                values = [x.phases_ms[phase] for x in res.samples if phase in x.phases_ms]
+                if values:
+                    m.extra[f"{phase}_ms"] = [round(v, 2) for v in values]
+            if res.failures:
+                m.notes.append(f"{len(res.failures)} failed attempt(s), guest rebooted: see the JSON")
+        diff = cmp.difference_ms()
+        if diff is None:
+            _mark([rows["downtime-diff"]], Status.FAILED, "a back-end has no downtime samples")
+        else:
+            rows["downtime-diff"].samples = [round(diff, 2)]
+        rows["downtime-diff"].notes.append(
+            f"settings: {json.dumps(cmp.settings.get('parameters', {}))}, return-path on; phases per migration "
+            "(QEMU trace) are in each row's extra"
+        )
+
+    # two TCG guests boot, then each migration takes ~1-2 s plus the check that the guest is alive
+    await _guarded(ctx, list(rows.values()), body, timeout=600 + 120 * ctx.settings.migrations)
+
+
 async def run_control(ctx: Context) -> None:
     """Connect and disconnect a front-end `connect_cycles` times to one proxy: connect → device_started."""
     m = ctx.row("connect", None, "control-plane", unit="ms")
@@ -633,10 +682,6 @@ def finish_rows(ctx: Context) -> None:
     rss.extra["vmrss_mib"] = [round(x, 2) for x in ctx.rss_mib]
     if not rss.samples:
         _mark([rss], Status.NOT_AVAILABLE, "no proxy ran in this selection of cases")
-    for case, title, why in (("downtime", "QEMU migration downtime vs DPDK", "QEMU migration benchmark comes later"),):
-        m = ctx.row(case, None, "control-plane", unit="ms")
-        m.title = title
-        _mark([m], Status.NOT_AVAILABLE, why)
     for m in run.measurements:
         if m.status is Status.OK and not m.samples:
             _mark([m], Status.FAILED, "no samples")
@@ -675,6 +720,8 @@ async def run(settings: Settings) -> BenchRun:
             await run_control(ctx)
         if "switch" in settings.cases:
             await run_switch(ctx)
+        if "downtime" in settings.cases:
+            await run_downtime(ctx)
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
     finish_rows(ctx)
