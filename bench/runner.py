@@ -48,8 +48,18 @@ MiB = 1024
 MACHINE_BUSY = "_machine_busy"
 PROXY_LOG = "info"  # as an operator runs it: debug events cost a JSON line each on the control path
 
-OPEN_CASES = ("peer", "passthrough", "svq", "device", "svq-log")
-LOOP_CASES = ("loop-peer", "loop-passthrough", "loop-svq")
+OPEN_CASES = ("peer", "passthrough", "svq", "svq-poll", "device", "svq-log")
+LOOP_CASES = ("loop-peer", "loop-passthrough", "loop-svq", "loop-svq-poll")
+BUSY_POLL_US = 50  # `serve --svq-busy-poll` for the *-poll cases (the SVQ thread yields while it polls)
+# how each proxy case runs the proxy: --svq, and extra `serve` options
+PROXY_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "passthrough": ("never", ()),
+    "svq": ("always", ()),
+    "svq-poll": ("always", ("--svq-busy-poll", str(BUSY_POLL_US))),
+    "loop-passthrough": ("never", ()),
+    "loop-svq": ("always", ()),
+    "loop-svq-poll": ("always", ("--svq-busy-poll", str(BUSY_POLL_US))),
+}
 CONTROL_CASES = ("control", "switch", "downtime")
 ALL_CASES = OPEN_CASES + LOOP_CASES + CONTROL_CASES
 
@@ -57,11 +67,13 @@ TITLES = {
     "peer": "peer: DPDK vhost PMD rxonly",
     "passthrough": "vduproxy passthrough → sim sink",
     "svq": "vduproxy SVQ → sim sink",
+    "svq-poll": f"vduproxy SVQ --svq-busy-poll {BUSY_POLL_US} → sim sink",
     "device": "sim device alone (= passthrough)",
     "svq-log": "vduproxy SVQ + dirty log → sim sink",
     "loop-peer": "peer: DPDK vhost PMD macswap",
     "loop-passthrough": "vduproxy passthrough ↔ sim loopback",
     "loop-svq": "vduproxy SVQ ↔ sim loopback",
+    "loop-svq-poll": f"vduproxy SVQ --svq-busy-poll {BUSY_POLL_US} ↔ sim loopback",
 }
 
 DEVICE_NOTE = (
@@ -278,13 +290,15 @@ async def peer_rig(ctx: Context, sender_mode: str, receiver_mode: str, size: int
 
 
 @contextlib.asynccontextmanager
-async def proxy_rig(ctx: Context, sender_mode: str, backend: str, svq: str, size: int) -> AsyncIterator[Rig]:
+async def proxy_rig(
+    ctx: Context, sender_mode: str, backend: str, svq: str, size: int, extra: Sequence[str] = ()
+) -> AsyncIterator[Rig]:
     sock = ctx.sock_dir / "vdu.sock"
     device = f"sim:profile=rich,backend={backend}"
     name = ctx.name(f"vduproxy-{svq}")
     try:
         async with open_proxy(
-            sock, device, ["--svq", svq], log_dir=ctx.log_dir, name=name, log_level=PROXY_LOG
+            sock, device, ["--svq", svq, *extra], log_dir=ctx.log_dir, name=name, log_level=PROXY_LOG
         ) as proxy:
             pin_threads(proxy.pid, ctx.backend_cpu)
             cfg = _sender_config(ctx, sock, sender_mode, size)
@@ -423,7 +437,7 @@ async def run_open_loop(ctx: Context, case: str) -> None:
         rig_cm = (
             peer_rig(ctx, "txonly", "rxonly", sizes[0])
             if case == "peer"
-            else proxy_rig(ctx, "txonly", "sink", "never" if case == "passthrough" else "always", sizes[0])
+            else proxy_rig(ctx, "txonly", "sink", *PROXY_CASES[case][:1], sizes[0], PROXY_CASES[case][1])
         )
         async with rig_cm as rig:
             for i, (size, m) in enumerate(zip(sizes, rows, strict=True)):
@@ -446,7 +460,7 @@ async def run_closed_loop(ctx: Context, case: str) -> None:
         rig_cm = (
             peer_rig(ctx, "io", "macswap", size)
             if case == "loop-peer"
-            else proxy_rig(ctx, "io", "loopback", "never" if case == "loop-passthrough" else "always", size)
+            else proxy_rig(ctx, "io", "loopback", *PROXY_CASES[case][:1], size, PROXY_CASES[case][1])
         )
         async with rig_cm as rig:
             await rig.sender.start_forwarding(tx_first=LOOP_TX_FIRST)
@@ -710,7 +724,7 @@ async def run(settings: Settings) -> BenchRun:
         for rnd in range(settings.rounds):
             log.info("round", round=rnd + 1, of=settings.rounds)
             # Interleaved per round, so slow drift in the machine's load hits every case alike.
-            for case in ("peer", "passthrough", "svq"):
+            for case in ("peer", "passthrough", "svq", "svq-poll"):
                 if case in settings.cases:
                     await run_open_loop(ctx, case)
             for case in LOOP_CASES:

@@ -8,6 +8,7 @@
     socket = "/run/vduproxy/guest1.sock"
     device = "/dev/vhost-vdpa-0"              # or sim[:key=value,...]
     svq = "auto"                              # auto | always | never
+    svq_busy_poll_us = 0                      # SVQ thread polls this long after its last work (0: sleep at once)
     mac = "52:54:00:12:34:56"                 # optional
     queues = 1                                # optional: default is what the device has
     client = false                            # connect to a listening front-end instead of listening
@@ -34,7 +35,11 @@ MAX_SOCKET_PATH = 107
 MAX_PAIRS = 256
 
 _DAEMON_KEYS = {"control", "metrics"}
-_PAIR_KEYS = {"socket", "device", "svq", "mac", "queues", "client", "socket_mode", "socket_group", "restore_state"}
+_PAIR_KEYS = {
+    "socket", "device", "svq", "mac", "queues", "client", "socket_mode", "socket_group", "restore_state",
+    "svq_busy_poll_us",
+}  # fmt: skip
+MAX_BUSY_POLL_US = 1000
 
 
 class ConfigError(ValueError):
@@ -58,6 +63,7 @@ class PairConfig:
     socket_mode: int = 0o600
     socket_group: str | None = None
     restore_state: str | None = None  # a migration state blob to replay before the first data queue starts
+    svq_busy_poll_us: int = 0
 
     def describe(self) -> dict[str, object]:
         """JSON-safe view (stats, logs)."""
@@ -70,6 +76,7 @@ class PairConfig:
             "client": self.client,
             "socket_mode": f"{self.socket_mode:04o}",
             "socket_group": self.socket_group,
+            "svq_busy_poll_us": self.svq_busy_poll_us,
         }
 
 
@@ -171,7 +178,10 @@ def _pair(name: str, raw: object) -> PairConfig:
     restore = raw.get("restore_state")
     if restore is not None:
         restore = _str(f"{where}.restore_state", restore)
-    return PairConfig(name, socket, device, svq, mac, queues, client, mode, group, restore)
+    poll = raw.get("svq_busy_poll_us", 0)
+    if not isinstance(poll, int) or isinstance(poll, bool) or not 0 <= poll <= MAX_BUSY_POLL_US:
+        raise ConfigError(f"{where}.svq_busy_poll_us", f"must be an integer 0..{MAX_BUSY_POLL_US}, got {poll!r}")
+    return PairConfig(name, socket, device, svq, mac, queues, client, mode, group, restore, poll)
 
 
 def config_from_dict(raw: dict[str, Any]) -> DaemonConfig:

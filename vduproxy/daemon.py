@@ -117,7 +117,7 @@ class Daemon:
         try:
             try:
                 pair.factory, pair.device_desc = open_dataplane_factory(
-                    cfg.device, queues=cfg.queues, svq=cfg.svq, mac=cfg.mac
+                    cfg.device, queues=cfg.queues, svq=cfg.svq, mac=cfg.mac, svq_busy_poll_us=cfg.svq_busy_poll_us
                 )
             except Exception as exc:
                 self._fail(pair, f"device {cfg.device}: {describe_error(exc)}")

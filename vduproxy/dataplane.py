@@ -91,10 +91,12 @@ class DeviceSession:
     """One device, probed once; shared by the successive connections of one socket."""
 
     def __init__(
-        self, device: VdpaDevice, *, queues: int | None = None, mac: bytes | None = None, svq: str = "auto"
-    ) -> None:
+        self, device: VdpaDevice, *, queues: int | None = None, mac: bytes | None = None, svq: str = "auto",
+        svq_busy_poll_us: int = 0,
+    ) -> None:  # fmt: skip
         if svq not in SVQ_MODES:
             raise ValueError(f"svq mode {svq!r} not in {SVQ_MODES}")
+        self.svq_busy_poll_us = svq_busy_poll_us
         self.device = device
         self.mac_override = mac
         self.svq_mode = svq
@@ -900,6 +902,8 @@ class DeviceDataPlane:
         assert self.area is not None
         if self.svq is None:
             self.svq = Svq(self.info.vqs)
+            if self.session.svq_busy_poll_us:
+                self.svq.set_busy_poll(self.session.svq_busy_poll_us)
             if self.log_mm is not None:
                 self.svq.set_log(self.log_local, self.log_size)
         dev = self.dev
@@ -1064,8 +1068,9 @@ class DataPlaneFactory:
 
 
 def open_dataplane_factory(
-    device_spec: str, *, queues: int | None = None, svq: str = "auto", mac: bytes | None = None
-) -> tuple[DataPlaneFactory, str]:
+    device_spec: str, *, queues: int | None = None, svq: str = "auto", mac: bytes | None = None,
+    svq_busy_poll_us: int = 0,
+) -> tuple[DataPlaneFactory, str]:  # fmt: skip
     if device_spec == "none":
         pairs = queues or 1
         return DataPlaneFactory(lambda cid: NetBackend(cid, NullDataPlane(pairs)), lambda: None, "none"), "none"
@@ -1073,7 +1078,7 @@ def open_dataplane_factory(
 
     device = open_device(device_spec)
     try:
-        session = DeviceSession(device, queues=queues, mac=mac, svq=svq)
+        session = DeviceSession(device, queues=queues, mac=mac, svq=svq, svq_busy_poll_us=svq_busy_poll_us)
         session.reset()
     except BaseException:
         device.close()

@@ -102,3 +102,18 @@ async def test_20_forced_mode_switches_under_traffic(proxy_at: Callable[..., Any
                 assert dp.switches == 20
                 assert pump.next == len(pump.sizes)
                 pump.check()
+
+
+async def test_svq_busy_poll_moves_every_frame(proxy_at: Callable[..., Any], sock_path: str) -> None:
+    """`--svq-busy-poll`: the SVQ thread polls (yielding) instead of sleeping; nothing may get lost or stuck when
+    it finally sleeps between bursts."""
+    variant = VARIANTS[0]
+    async with proxy_at("sim:profile=rich", svq="always", svq_busy_poll_us=50):
+        with GuestMemory(256 << 20, regions=2) as mem:
+            fe, driver = await start(sock_path, mem, variant)
+            async with fe:
+                for burst in range(3):  # idle gaps longer than the poll window between bursts
+                    pump = Pump(driver, 5_000, seed=burst, first_seq=burst * 5_000)
+                    await pump.run()
+                    pump.check()
+                    await trio.sleep(0.05)

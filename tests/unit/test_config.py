@@ -66,6 +66,8 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"pairs": {"a": {"socket": "/s", "socket_mode": 0o660}}}, "pairs.a.socket_mode", "must be a string"),
     ({"pairs": {"a": {"socket": "/s", "socket_mode": "999"}}}, "pairs.a.socket_mode", "octal"),
     ({"pairs": {"a": {"socket": "/s", "client": "yes"}}}, "pairs.a.client", "true or false"),
+    ({"pairs": {"a": {"socket": "/s", "svq_busy_poll_us": 5000}}}, "pairs.a.svq_busy_poll_us", "0..1000"),
+    ({"pairs": {"a": {"socket": "/s", "svq_busy_poll_us": "50"}}}, "pairs.a.svq_busy_poll_us", "0..1000"),
     ({"pairs": {"a": {"socket": "/s", "sockets": "/t"}}}, "pairs.a", "unknown key(s) sockets"),
     ({"pairs": {"a": {"socket": "x" * 200}}}, "pairs.a.socket", "1..107 bytes"),
     ({"pairs": {"bad name": {"socket": "/s"}}}, "pairs.bad name", "pair names"),
@@ -134,3 +136,8 @@ def test_contrib_example_config_loads() -> None:
     assert len(cfg.pairs) >= 2
     # what QEMU, running as another user, needs: a group-accessible socket
     assert all(p.socket_mode == 0o660 and p.socket_group for p in cfg.pairs)
+
+
+def test_svq_busy_poll_is_per_pair() -> None:
+    cfg = config_from_dict({"pairs": {"a": {"socket": "/a", "svq_busy_poll_us": 50}, "b": {"socket": "/b"}}})
+    assert [p.svq_busy_poll_us for p in cfg.pairs] == [50, 0]
