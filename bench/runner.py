@@ -48,7 +48,7 @@ MiB = 1024
 MACHINE_BUSY = "_machine_busy"
 PROXY_LOG = "info"  # as an operator runs it: debug events cost a JSON line each on the control path
 
-OPEN_CASES = ("peer", "passthrough", "svq", "svq-poll", "device", "svq-log")
+OPEN_CASES = ("peer", "passthrough", "svq", "svq-poll")
 LOOP_CASES = ("loop-peer", "loop-passthrough", "loop-svq", "loop-svq-poll")
 BUSY_POLL_US = 50  # `serve --svq-busy-poll` for the *-poll cases (the SVQ thread yields while it polls)
 # how each proxy case runs the proxy: --svq, and extra `serve` options
@@ -61,7 +61,16 @@ PROXY_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "loop-svq-poll": ("always", ("--svq-busy-poll", str(BUSY_POLL_US))),
 }
 CONTROL_CASES = ("control", "switch", "downtime")
-ALL_CASES = OPEN_CASES + LOOP_CASES + CONTROL_CASES
+# The same C driver (bench/txgen.c: control plane by the project's front-end, data path in C) on each back-end:
+# the sim device alone, and through the proxy; LOG_ALL + SET_LOG_BASE only this front-end sends.
+CDRIVER_TX = ("c-device", "c-passthrough", "c-svq", "c-svq-log")
+CDRIVER_LOOP = tuple(f"{c}-loop" for c in CDRIVER_TX)
+CDRIVER_CASES = CDRIVER_TX + CDRIVER_LOOP
+CDRIVER_REF = {
+    "c-passthrough": "c-device", "c-svq": "c-device", "c-svq-log": "c-svq",
+    "c-passthrough-loop": "c-device-loop", "c-svq-loop": "c-device-loop", "c-svq-log-loop": "c-svq-loop",
+}  # fmt: skip
+ALL_CASES = OPEN_CASES + LOOP_CASES + CDRIVER_CASES + CONTROL_CASES
 
 TITLES = {
     "peer": "peer: DPDK vhost PMD rxonly",
@@ -69,26 +78,27 @@ TITLES = {
     "svq": "vduproxy SVQ → sim sink",
     "svq-poll": f"vduproxy SVQ --svq-busy-poll {BUSY_POLL_US} → sim sink",
     "device": "sim device alone (= passthrough)",
-    "svq-log": "vduproxy SVQ + dirty log → sim sink",
+    "c-device": "C driver → sim sink, no proxy (the device alone)",
+    "c-passthrough": "C driver → vduproxy passthrough → sim sink",
+    "c-svq": "C driver → vduproxy SVQ → sim sink",
+    "c-svq-log": "C driver → vduproxy SVQ, dirty log on (LOG_ALL + SET_LOG_BASE) → sim sink",
+    "c-device-loop": "C driver ↔ sim loopback, no proxy (the device alone)",
+    "c-passthrough-loop": "C driver ↔ vduproxy passthrough ↔ sim loopback",
+    "c-svq-loop": "C driver ↔ vduproxy SVQ ↔ sim loopback",
+    "c-svq-log-loop": "C driver ↔ vduproxy SVQ, dirty log on ↔ sim loopback (RX pages logged)",
     "loop-peer": "peer: DPDK vhost PMD macswap",
     "loop-passthrough": "vduproxy passthrough ↔ sim loopback",
     "loop-svq": "vduproxy SVQ ↔ sim loopback",
     "loop-svq-poll": f"vduproxy SVQ --svq-busy-poll {BUSY_POLL_US} ↔ sim loopback",
 }
 
-DEVICE_NOTE = (
-    "the sim device alone is the passthrough figure: in passthrough the device reads the front-end's own rings "
-    "and the proxy does no per-packet work, and no driver other than testpmd is fast enough to measure the "
-    "device's ceiling fairly"
+CDRIVER_NOTE = (
+    "same-driver rows: one C driver (bench/txgen.c, busy-polling like testpmd, EVENT_IDX) on every back-end, so "
+    "their ratios compare back-ends only; the row they are divided by is in the 'vs' column"
 )
 SINK_NOTE = (
     "the sim sink counts TX frames without reading their payload, while the peer's vhost PMD copies every frame "
     "into an mbuf: at 1500 B the peer does more work per packet than the device behind the proxy"
-)
-SVQ_LOG_REASON = (
-    "needs a front-end that sets VHOST_F_LOG_ALL and a log base while moving packets at C speed: DPDK "
-    "virtio-user never sends SET_LOG_BASE, and the project's Python front-end (testing/frontend.py) would "
-    "measure its own Python driver, not the proxy"
 )
 
 
@@ -450,6 +460,44 @@ async def run_open_loop(ctx: Context, case: str) -> None:
     await _guarded(ctx, rows, body)
 
 
+async def run_cdriver(ctx: Context, case: str) -> None:
+    """One same-driver case (bench/cdriver.py) at every size; its windows join the case's row."""
+    from . import cdriver
+
+    s = ctx.settings
+    sizes = (s.loop_size,) if case.endswith("-loop") else s.sizes
+    for size in sizes:
+        m = ctx.row(case, size, "same-driver", peer=CDRIVER_REF.get(case))
+        if m.status is not Status.OK:
+            continue
+
+        async def body(m: Measurement = m, size: int = size) -> None:
+            res = await cdriver.measure(
+                case.removeprefix("c-"), size, windows=s.repeat, duration=s.duration, warmup=s.warmup,
+                sender_cpu=ctx.sender_cpu, backend_cpu=ctx.backend_cpu, log_dir=ctx.log_dir / "cdriver",
+                name=ctx.name(case),
+            )  # fmt: skip
+            if m.load_before is None:
+                m.load_before = _tuple3((res.evidence.get("loadavg") or {}).get("before"))
+            m.load_after = _tuple3((res.evidence.get("loadavg") or {}).get("after"))
+            m.samples += res.samples
+            m.extra["mode"] = res.mode
+            cpu = m.extra.setdefault("cpu_percent", {})
+            for w in res.windows:
+                for k, v in (w.get("cpu_percent") or {}).items():
+                    cpu.setdefault(k, []).append(v)
+            if "dirty_log" in res.evidence:
+                m.extra.setdefault("dirty_log", []).append(res.evidence["dirty_log"])
+
+        await _guarded(ctx, [m], body)
+
+
+def _tuple3(value: Any) -> tuple[float, float, float] | None:
+    if isinstance(value, list | tuple) and len(value) == 3:
+        return float(value[0]), float(value[1]), float(value[2])
+    return None
+
+
 async def run_closed_loop(ctx: Context, case: str) -> None:
     size = ctx.settings.loop_size
     m = ctx.row(case, size, "closed-loop", peer=None if case == "loop-peer" else "loop-peer")
@@ -661,28 +709,19 @@ def _create_rows(ctx: Context) -> None:
     for case in LOOP_CASES:
         if case in s.cases:
             ctx.row(case, s.loop_size, "closed-loop", peer=None if case == "loop-peer" else "loop-peer")
+    for case in CDRIVER_CASES:
+        if case in s.cases:
+            for size in (s.loop_size,) if case.endswith("-loop") else s.sizes:
+                ctx.row(case, size, "same-driver", peer=CDRIVER_REF.get(case))
 
 
 def finish_rows(ctx: Context) -> None:
     """Rows that are derived, or not measurable yet, once every round has run."""
     run, s = ctx.run, ctx.settings
-    if "device" in s.cases:
-        for size in s.sizes:
-            m = ctx.row("device", size, "forwarding", peer="peer")
-            src = ctx.rows.get(("passthrough", size))
-            if src is None:
-                _mark([m], Status.NOT_AVAILABLE, "derived from passthrough, which was not run")
-                continue
-            m.samples, m.status, m.reason = list(src.samples), src.status, src.reason
-            m.load_before, m.load_after = src.load_before, src.load_after
-            m.extra["derived_from"] = "passthrough"
-        run.notes.append(DEVICE_NOTE)
-    if any(c in s.cases for c in ("passthrough", "svq", "device")):
+    if any(c in s.cases for c in CDRIVER_CASES):
+        run.notes.append(CDRIVER_NOTE)
+    if any(c in s.cases for c in ("passthrough", "svq", "svq-poll")):
         run.notes.append(SINK_NOTE)
-    if "svq-log" in s.cases:
-        for size in s.sizes:
-            m = ctx.row("svq-log", size, "forwarding", peer="peer")
-            _mark([m], Status.NOT_AVAILABLE, SVQ_LOG_REASON)
     connect = ctx.row("connect", None, "control-plane", unit="ms")
     connect.title = "connect → device_started (proxy log)"
     if connect.status is Status.OK:
@@ -730,6 +769,9 @@ async def run(settings: Settings) -> BenchRun:
             for case in LOOP_CASES:
                 if case in settings.cases:
                     await run_closed_loop(ctx, case)
+            for case in CDRIVER_CASES:
+                if case in settings.cases:
+                    await run_cdriver(ctx, case)
         if "control" in settings.cases:
             await run_control(ctx)
         if "switch" in settings.cases:

@@ -15,7 +15,7 @@ import pytest
 from bench import report
 from bench.__main__ import QUICK, build_parser, settings_from_args
 from bench.report import BenchRun, Measurement, Status, Target
-from bench.runner import DEVICE_NOTE, SVQ_LOG_REASON, Context, Settings, finish_rows
+from bench.runner import CDRIVER_NOTE, Context, Settings, finish_rows
 
 pytestmark = pytest.mark.unit
 
@@ -160,7 +160,8 @@ def test_markdown_table_shows_median_spread_and_ratio() -> None:
     assert cells[3] == "6.00..8.00"
     assert cells[5] == "3"
     assert cells[6] == f"{ratio * 100:.0f} %"
-    assert "(peer)" in _table_row(md, "peer", "64 B")[6]
+    assert cells[7] == "peer"  # what it was divided by
+    assert _table_row(md, "peer", "64 B")[7] == "reference"
 
 
 def test_markdown_says_why_a_case_is_missing_and_escapes_pipes() -> None:
@@ -234,8 +235,8 @@ def test_markdown_shows_what_other_processes_took() -> None:
     svq = run.find("svq", 64)
     assert svq is not None
     svq.extra["cpu_percent"] = {"sender": [99.0, 98.0, 99.5], "others": [10.0, 40.0, 20.0]}
-    assert _table_row(report.render_markdown(run), "svq", "64 B")[8] == f"{statistics.median([10, 40, 20]):.0f} %"
-    assert _table_row(report.render_markdown(run), "svq", "1500 B")[8] == "—"
+    assert _table_row(report.render_markdown(run), "svq", "64 B")[9] == f"{statistics.median([10, 40, 20]):.0f} %"
+    assert _table_row(report.render_markdown(run), "svq", "1500 B")[9] == "—"
 
 
 def test_parse_cpu_model() -> None:
@@ -276,24 +277,37 @@ def test_svq_evidence() -> None:
 # ---- rows the runner derives, and the command line -----------------------------------------------------------
 
 
-def test_finish_rows_derives_device_and_marks_unavailable_cases(tmp_path: Path) -> None:
-    settings = Settings(sizes=(64,), cases=("peer", "passthrough", "device", "svq-log", "control"))
+def test_finish_rows_fills_control_rows_and_fails_empty_ones(tmp_path: Path) -> None:
+    settings = Settings(sizes=(64,), cases=("peer", "passthrough", "c-device", "c-passthrough", "control"))
     run = BenchRun(started="x")
     ctx = Context(settings, tmp_path, tmp_path, sender_cpu=1, backend_cpu=0, run=run)
     pt = ctx.row("passthrough", 64, "forwarding", peer="peer")
     pt.samples = [3.0, 4.0]
+    ctx.row("c-device", 64, "same-driver").samples = [5.0]
+    ctx.row("c-passthrough", 64, "same-driver", peer="c-device")  # never measured
     ctx.connect_ms = [11.0, 13.0]
     ctx.hwm_mib = [30.0]
     finish_rows(ctx)
-    device = run.find("device", 64)
-    assert device is not None and device.samples == pt.samples and device.status is Status.OK
-    assert DEVICE_NOTE in run.notes
-    svq_log = run.find("svq-log", 64)
-    assert svq_log is not None and svq_log.status is Status.NOT_AVAILABLE and svq_log.reason == SVQ_LOG_REASON
+    assert CDRIVER_NOTE in run.notes
+    c_pt = run.find("c-passthrough", 64)
+    assert c_pt is not None and c_pt.status is Status.FAILED and c_pt.reason == "no samples"
     connect = run.find("connect", None)
     assert connect is not None and connect.samples == [11.0, 13.0]
     rss = run.find("proxy-rss", None)
     assert rss is not None and rss.samples == [30.0]
+
+
+def test_same_driver_rows_divide_by_their_reference() -> None:
+    run = BenchRun(started="x")
+    dev = Measurement(case="c-device", title="dev", group="same-driver", unit="Mpps", size=64)
+    dev.samples = [10.0]
+    pt = Measurement(case="c-passthrough", title="pt", group="same-driver", unit="Mpps", size=64, peer="c-device")
+    pt.samples = [9.7]
+    run.measurements += [dev, pt]
+    (v,) = [v for v in run.evaluate() if v.target.case == "c-passthrough"]
+    assert v.verdict == "met" and v.value == pytest.approx(0.97)
+    md = report.render_markdown(run)
+    assert "| 97 % | c-device |" in md.replace("97.0 %", "97 %")
 
 
 def test_cli_quick_and_overrides(tmp_path: Path) -> None:
