@@ -384,11 +384,14 @@ class DeviceDataPlane:
         async with self._locked():
             if ring.index not in self.configured or self.configured[ring.index] is not ring:
                 return False
-            if self.shadow_active:
-                return False  # the SVQ holds its own copy of the guest's call fd: re-attach through a restart
             try:
-                self.dev.set_vring_call(ring.index, ring.call_fd)  # vhost-vdpa takes a new call fd at any time
-            except DeviceError as exc:
+                if self.shadow_active:
+                    if self.svq is None or ring.index not in self.shadows:
+                        return False
+                    self.svq.set_guest_call(ring.index, ring.call_fd)  # the SVQ signals the guest, not the device
+                else:
+                    self.dev.set_vring_call(ring.index, ring.call_fd)  # vhost-vdpa takes a new call fd at any time
+            except (DeviceError, SvqError) as exc:
                 self.log.warning("set_vring_call_live_failed", vq=ring.index, error=str(exc))
                 return False
             return True

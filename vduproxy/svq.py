@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt tr
 
 log = get_logger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 if lib.svq_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(f"vduproxy._svq_core ABI {lib.svq_abi_version()} != {ABI_VERSION}: rebuild it")
 
@@ -279,6 +279,11 @@ class Svq:
             lib.svq_set_vq_log(self._handle(), self._vq(vq), int(on), _u("log_used", log_used, 64)),
             vq,
         )
+
+    def set_guest_call(self, vq: int, call_fd: int) -> None:
+        """Signal the guest through `call_fd` (dup'ed) from now on; it is signalled once right away."""
+        rc = lib.svq_set_guest_call(self._handle(), self._vq(vq), _fd("call_fd", call_fd))
+        self._check("svq_set_guest_call", rc, vq)
 
     def set_busy_poll(self, usec: int) -> None:
         self._check("svq_set_busy_poll", lib.svq_set_busy_poll(self._handle(), _u("usec", usec, 32)))

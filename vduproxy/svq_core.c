@@ -1513,6 +1513,31 @@ int svq_set_vq_log(svq_t *s, uint32_t vq, int on, uint64_t log_used_gpa)
     return resume_thread(s, was, rc);
 }
 
+int svq_set_guest_call(svq_t *s, uint32_t vq, int call_fd)
+{
+    struct vq *q = vq_of(s, vq);
+    if (!q)
+        return -EINVAL;
+    int fd = -1;
+    int rc = dup_fd(call_fd, &fd);
+    if (rc)
+        return rc;
+    bool is_efd = fd >= 0 && fd_is_eventfd(fd);
+    bool was = pause_thread(s);
+    if (!q->has_guest) {
+        close_fd(&fd);
+        return resume_thread(s, was, -ENOTCONN);
+    }
+    close_fd(&q->g.call_fd);
+    q->g.call_fd = fd;
+    q->g.call_is_efd = is_efd;
+    /* A used entry published while the front-end swapped its fds may have signalled the old one: signal the new
+     * one once (a spurious interrupt costs the guest a look at its used ring, a lost one stalls it). */
+    if (fd >= 0)
+        (void)notify_fd(fd, is_efd);
+    return resume_thread(s, was, 0);
+}
+
 static int cmp_age(const void *a, const void *b)
 {
     const uint32_t *x = a, *y = b; /* {age, head}: oldest (largest age) first */

@@ -31,7 +31,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define SVQ_ABI_VERSION 2
+#define SVQ_ABI_VERSION 3
 
 #define SVQ_MAX_VQS 512
 #define SVQ_MAX_REGIONS 512
@@ -115,6 +115,8 @@ int svq_poll(svq_t *s);
 
 int svq_set_log(svq_t *s, void *log_base, uint64_t log_size);
 int svq_set_vq_log(svq_t *s, uint32_t vq, int on, uint64_t log_used_gpa);
+/* A new guest call fd (SET_VRING_CALL on a running ring), dup'ed; -ENOTCONN without a guest ring. */
+int svq_set_guest_call(svq_t *s, uint32_t vq, int call_fd);
 int svq_drain_vq(svq_t *s, uint32_t vq, uint16_t dev_last_avail, uint16_t *guest_base);
 
 /*

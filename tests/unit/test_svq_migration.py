@@ -11,7 +11,7 @@ import select
 import struct
 
 import pytest
-from svq_harness import HDR, Chain, Queue, Rig, log_bit, net_hdr, pages, payload, publish, take
+from svq_harness import HDR, Chain, Queue, Rig, eventfd, log_bit, net_hdr, pages, payload, publish, take
 
 from vduproxy.svq import INJECT_SLOT, DevFlags, GuestFlags, SvqError, address_of
 from vduproxy.vring import Buf
@@ -393,3 +393,32 @@ def test_suppressed_notifications_lose_no_wakeup(event_idx: bool, busy_poll: int
         assert (st.packets, st.broken) == (total, False)
         assert st.device_kicks < total and st.guest_calls < total  # batched, not one per chain
         assert rig.svq.learned_mac(1) == MAC_A
+
+
+def test_a_new_guest_call_fd_takes_over_without_reattaching() -> None:
+    """SET_VRING_CALL on a running SVQ ring (QEMU masking/unmasking a vector): later completions signal the new
+    fd only, and the new fd is signalled once at the swap (an interrupt meant for the old one is not lost)."""
+    with Rig(2) as rig:
+        q = rig.add_queue(1, 16, gflags=TX_FLAGS)
+        send(rig, q, [payload(60, seed=1)])
+        rig.svq.poll()
+        for c in q.dev.pop():
+            q.dev.complete(c, 0)
+        rig.svq.poll()
+        assert take(q.guest_call) >= 1
+        new_call = eventfd()
+        try:
+            rig.svq.set_guest_call(1, new_call)
+            assert take(new_call) == 1  # the one signal at the swap
+            send(rig, q, [payload(60, seed=2)])
+            rig.svq.poll()
+            for c in q.dev.pop():
+                q.dev.complete(c, 0)
+            rig.svq.poll()
+            assert take(new_call) >= 1
+            assert take(q.guest_call) == 0, "the old call fd was signalled after the swap"
+            assert len(q.driver.poll_used()) == 2 and rig.svq.stats(1).packets == 2
+            with pytest.raises(SvqError):
+                rig.svq.set_guest_call(0, new_call)  # vq 0 has no guest ring
+        finally:
+            os.close(new_call)
