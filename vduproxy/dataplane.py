@@ -817,11 +817,16 @@ class DeviceDataPlane:
         with dev.iotlb_batch():
             self._sync_maps(wanted)
         pending = self.session.pending_state
-        # A restored state goes into the device through its CVQ before any data queue runs: with
-        # ENABLE_AFTER_DRIVER_OK the data queues are enabled only after the replay; without it they are enabled
-        # before DRIVER_OK (vhost-vdpa cannot enable later) but in SVQ mode stay empty until the replay is done,
-        # and in passthrough the device may see guest frames during the (sub-millisecond) replay.
-        defer_enable = pending is not None and bool(self.info.backend_features & BackendF.ENABLE_AFTER_DRIVER_OK)
+        # What goes through the CVQ (a restored state, the queue pairs, the MAC filter) is in the device before
+        # any data queue runs: with ENABLE_AFTER_DRIVER_OK the data queues are enabled only after the commands;
+        # without it they are enabled before DRIVER_OK (vhost-vdpa cannot enable later) but in SVQ mode stay empty
+        # until the SVQ starts, after the commands, and in passthrough the device may see guest frames during the
+        # (sub-millisecond) commands. It also keeps a switch's CVQ round trips off a CPU busy with traffic.
+        defer_enable = (
+            bool(self.info.backend_features & BackendF.ENABLE_AFTER_DRIVER_OK)
+            and bool(features & NetF.CTRL_VQ)
+            and (pending is not None or self._needs_cvq())
+        )
         self._fd_vqs.update(self.rings)
         if shadow:
             self._configure_shadow_rings(enable=not defer_enable)
@@ -844,9 +849,10 @@ class DeviceDataPlane:
         self.shadow_active = shadow
         if pending is not None:
             await self._restore(pending, features)
-            if defer_enable:
-                for idx in sorted(self.rings):
-                    dev.set_vring_enable(idx, True)
+        await self._program_cvq(features)
+        if defer_enable:
+            for idx in sorted(self.rings):
+                dev.set_vring_enable(idx, True)
         if shadow:
             self._attach_guest_rings()
         await self._after_driver_ok(features)
@@ -1033,6 +1039,9 @@ class DeviceDataPlane:
                     os.eventfd_write(ring.call_fd, 1)
         if self.pending_rarp is not None and not self.transient_shadow and any(i % 2 == 1 for i in self.configured):
             self._nursery_soon(self._send_pending_rarp)
+
+    async def _program_cvq(self, features: int) -> None:
+        """The queue pairs and the MAC filter, through the CVQ (a reset forgot them)."""
         if self.cvq is None:
             return
         pairs = len({idx // 2 for idx in self.rings if idx < 2 * self.info.max_pairs})
