@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import mmap
 import os
 import pathlib
@@ -295,6 +296,22 @@ def test_iotlb_refuses_memory_this_process_does_not_have(dev: SimDevice, buf: tu
         dev.iotlb_invalidate(0x10000, 4096)
     finally:
         libc.munmap(ro, 4096)
+
+
+def test_a_range_checked_before_is_checked_again_once_unmapped(dev: SimDevice) -> None:
+    """The sim remembers ranges it validated (a mode switch maps the same shadow area again and again); memory
+    released since must still be refused, not dereferenced."""
+    area = mmap.mmap(-1, 3 * 4096)
+    uaddr = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    dev.iotlb_update(0x10000, 3 * 4096, uaddr, Perm.RW)
+    dev.iotlb_invalidate(0x10000, 3 * 4096)
+    dev.iotlb_update(0x10000, 3 * 4096, uaddr, Perm.RW)  # the remembered range, still mapped
+    dev.iotlb_invalidate(0x10000, 3 * 4096)
+    gc.collect()  # the ctypes anchor above keeps no export: the mmap can close
+    area.close()
+    with pytest.raises(DeviceError, match="not mapped"):
+        dev.iotlb_update(0x10000, 3 * 4096, uaddr, Perm.RW)
+    assert dev.iotlb_map_count() == 0
 
 
 def test_iotlb_asid_needs_the_backend_feature(dev: SimDevice, buf: tuple[int, int]) -> None:

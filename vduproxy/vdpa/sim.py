@@ -389,6 +389,38 @@ def _user_range_problem(uaddr: int, size: int, perm: Perm) -> str | None:
     return f"{pos:#x} is not mapped in this process"
 
 
+def _vmas_of(uaddr: int, size: int) -> list[tuple[int, int]] | None:
+    """The mappings (start, end) that cover [uaddr, uaddr+size), or None when it is not covered."""
+    out: list[tuple[int, int]] = []
+    pos, end = uaddr, uaddr + size
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo_s, _, rest = line.partition("-")
+            lo, hi = int(lo_s, 16), int(rest[: rest.index(" ")], 16)
+            if hi <= pos:
+                continue
+            if lo > pos:
+                return None
+            out.append((lo, hi))
+            pos = hi
+            if pos >= end:
+                return out
+    return None
+
+
+def _mapping_ids(vmas: list[tuple[int, int]]) -> tuple[tuple[int, int], ...] | None:
+    """(st_dev, st_ino) of the file behind each mapping, found by its exact bounds in /proc/self/map_files; None
+    for anonymous memory or a mapping that is gone. The same file at the same bounds is the same mapping."""
+    ids = []
+    for lo, hi in vmas:
+        try:
+            st = os.stat(f"/proc/self/map_files/{lo:x}-{hi:x}")
+        except OSError:
+            return None
+        ids.append((st.st_dev, st.st_ino))
+    return tuple(ids)
+
+
 def _is_eventfd(fd: int) -> bool:
     try:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
@@ -418,6 +450,9 @@ class SimDevice:
         self._status = 0
         self._features = 0
         self._backend_features = 0
+        # Ranges the full check accepted, with the identity of the file mappings behind them: a mode switch maps
+        # the same shadow area again and again, and the /proc/self/maps walk costs hundreds of µs on a busy CPU.
+        self._checked_ranges: dict[tuple[int, int, int], tuple[list[tuple[int, int]], tuple[tuple[int, int], ...]]] = {}
         self._batch_depth = 0
         self._pairs = profile.queue_pairs
         self._nvqs = 2 * self._pairs + (1 if profile.has_cvq else 0)
@@ -704,7 +739,17 @@ class SimDevice:
             )
         if not 0 < uaddr < 1 << 64 or uaddr + size > 1 << 64:
             raise DeviceError(op, f"uaddr {uaddr:#x} size {size:#x} is not a user range", errno.EFAULT)
-        problem = _user_range_problem(uaddr, size, perm)
+        key = (uaddr, size, int(perm))
+        problem = None
+        known = self._checked_ranges.pop(key, None)
+        if known is None or _mapping_ids(known[0]) != known[1]:
+            problem = _user_range_problem(uaddr, size, perm)
+            vmas = None if problem is not None else _vmas_of(uaddr, size)
+            ids = None if vmas is None else _mapping_ids(vmas)
+            if vmas is not None and ids is not None:
+                self._checked_ranges[key] = (vmas, ids)
+        else:
+            self._checked_ranges[key] = known
         if problem is not None:
             raise DeviceError(op, f"uaddr range [{uaddr:#x}, +{size:#x}): {problem}", errno.EFAULT)
         rc = lib.sim_iotlb_update(dev, asid, iova, size, uaddr, int(perm))
