@@ -29,58 +29,14 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "txgen.c"
 MODULE = "_bench_txgen"
 
-CDEF = """
-struct txgen_ring_params {
-    uint64_t desc_off;
-    uint64_t avail_off;
-    uint64_t used_off;
-    int kick_fd;
-};
+def _public_structs() -> str:
+    """The structs between the cdef markers of txgen.c: the binding cannot drift from the source."""
+    text = SOURCE.read_text()
+    begin, end = text.index("/* cdef-begin */"), text.index("/* cdef-end */")
+    return text[begin + len("/* cdef-begin */") : end]
 
-struct txgen_params {
-    uint8_t *mem;
-    uint64_t mem_size;
-    uint32_t num;
-    uint32_t event_idx;
-    uint32_t loop;
-    uint32_t hdr_len;
-    uint32_t frame_len;
-    uint32_t burst;
-    uint32_t verify_every;
-    struct txgen_ring_params tx;
-    struct txgen_ring_params rx;
-    uint64_t tx_buf_off;
-    uint64_t tx_buf_gpa;
-    uint64_t rx_buf_off;
-    uint64_t rx_buf_gpa;
-    uint32_t tx_slot;
-    uint32_t rx_slot;
-    uint8_t dst_mac[6];
-    uint8_t src_mac[6];
-};
 
-struct txgen_stats {
-    uint64_t tx_packets;
-    uint64_t rx_packets;
-    uint64_t tx_kicks;
-    uint64_t tx_kicks_suppressed;
-    uint64_t rx_kicks;
-    uint64_t rx_kicks_suppressed;
-    uint64_t rx_verified;
-    uint64_t rx_mismatch;
-    uint64_t rx_bad_len;
-    uint64_t polls;
-    uint64_t empty_polls;
-    uint64_t busy_ns;
-};
-
-struct txgen_result {
-    uint64_t packets;
-    uint64_t tx_packets;
-    uint64_t rx_packets;
-    uint64_t elapsed_ns;
-};
-
+CDEF = _public_structs() + """
 struct txgen;
 
 int txgen_abi_version(void);

@@ -56,7 +56,8 @@
 #define TAG_MAGIC 0x76647570u /* "vdup" */
 #define CLOCK_EVERY 64u       /* polls between two clock reads */
 
-/* ---- public structs (mirrored in the cffi cdef of bench/_txgen_build.py) ---------------------------------- */
+/* ---- public structs (bench/_txgen_build.py reads them from here into the cffi cdef) ------------------- */
+/* cdef-begin */
 
 struct txgen_ring_params {
     uint64_t desc_off;  /* offsets of the ring parts inside the mapping */
@@ -108,6 +109,8 @@ struct txgen_result {
     uint64_t rx_packets;
     uint64_t elapsed_ns;
 };
+
+/* cdef-end */
 
 /* ---- private state --------------------------------------------------------------------------------------- */
 

@@ -459,13 +459,7 @@ class CvqClient:
             self._mapped = True
             self._kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._vq_set = True
-            dev.set_vring_num(self.vq_index, self.ring_num)
-            dev.set_vring_base(self.vq_index, 0)
-            dev.set_vring_addr(self.vq_index, ring.desc_addr, ring.avail_addr, ring.used_addr)
-            dev.set_vring_kick(self.vq_index, self._kick)
-            dev.set_vring_call(self.vq_index, self._call)
-            dev.set_vring_enable(self.vq_index, True)
+            self._program_vq(ring)
         except BaseException:
             self.close()
             raise
@@ -494,19 +488,23 @@ class CvqClient:
         try:
             if self.asid != 0:
                 dev.set_group_asid(dev.get_vring_group(self.vq_index), self.asid)
-            self._vq_set = True
-            dev.set_vring_num(self.vq_index, self.ring_num)
-            dev.set_vring_base(self.vq_index, 0)
-            dev.set_vring_addr(self.vq_index, ring.desc_addr, ring.avail_addr, ring.used_addr)
-            dev.set_vring_kick(self.vq_index, self._kick)
-            dev.set_vring_call(self.vq_index, self._call)
-            dev.set_vring_enable(self.vq_index, True)
+            self._program_vq(ring)
         except BaseException:
             self.close()
             raise
         self._ring = ring
         self._broken = None
         self.log.debug("cvq_rearmed", iova=hex(self.iova), asid=self.asid)
+
+    def _program_vq(self, ring: SplitRingDriver) -> None:
+        dev = self.device
+        self._vq_set = True
+        dev.set_vring_num(self.vq_index, self.ring_num)
+        dev.set_vring_base(self.vq_index, 0)
+        dev.set_vring_addr(self.vq_index, ring.desc_addr, ring.avail_addr, ring.used_addr)
+        dev.set_vring_kick(self.vq_index, self._kick)
+        dev.set_vring_call(self.vq_index, self._call)
+        dev.set_vring_enable(self.vq_index, True)
 
     def close(self) -> None:
         """Undo setup. Device errors are logged, not raised: the device may have been reset already."""
