@@ -11,13 +11,12 @@ import json
 import os
 import shlex
 import sys
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from vduproxy.testing.kernelvm.build import KernelImage
+from vduproxy.testing.kernelvm.junit import parse_junit
 from vduproxy.testing.kernelvm.vm import (
     GUEST_OUT_DIR,
     KernelVmSetupError,
@@ -107,29 +106,6 @@ def test_device_setup_failure_is_reported(kernel_image: KernelImage) -> None:
             options=VmOptions(mac="not-a-mac"),
             timeout=BOOT_TIMEOUT_S,
         )
-
-
-@dataclass
-class SuiteResult:
-    passed: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # test id -> the failure's one-line message
-    skipped: dict[str, str] = field(default_factory=dict)  # test id -> reason
-
-
-def parse_junit(path: Path) -> SuiteResult:
-    result = SuiteResult()
-    for case in ET.parse(path).getroot().iter("testcase"):
-        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
-        bad = case.find("failure")
-        if bad is None:
-            bad = case.find("error")
-        if bad is not None:
-            result.failed[test_id] = bad.get("message", "")
-        elif (skip := case.find("skipped")) is not None:
-            result.skipped[test_id] = skip.get("message", "")
-        else:
-            result.passed.append(test_id)
-    return result
 
 
 def test_device_suite_against_vdpa_sim_net(kernel_image: KernelImage, tmp_path: Path, report: Reporter) -> None:

@@ -120,8 +120,7 @@ def pull_all(conn: BackendConnection, taken: list[int], take_first: bool, error:
     while (req := conn.next_request()) is not None:
         if take_first and len(req.fds):
             taken.append(req.fds.take(0))
-        # POSTCOPY_ADVISE cannot be answered successfully at all (see the strict xfail below): fail it instead
-        conn.complete(req, reply_for(req, conn), error=1 if req.req is Req.POSTCOPY_ADVISE else error)
+        conn.complete(req, reply_for(req, conn), error=error)
 
 
 def framed(req: int, flags: int, body: bytes) -> bytes:
