@@ -363,12 +363,14 @@ def _parse_faults(text: str) -> tuple[tuple[str, str], ...]:
 # ---------------------------------------------------------------- device
 
 
-def _user_range_problem(uaddr: int, size: int, perm: Perm) -> str | None:
-    """Why [uaddr, uaddr+size) cannot back a map with `perm` in this process, or None.
+def _user_range_problem(uaddr: int, size: int, perm: Perm) -> tuple[str | None, list[tuple[int, int]]]:
+    """Why [uaddr, uaddr+size) cannot back a map with `perm` in this process (None: it can), and the mappings
+    (start, end) that cover it.
 
     The kernel pins the pages of every map (and fails with EFAULT); the sim dereferences uaddr directly, so
     it checks the range is mapped with the access the device will do instead of crashing later.
     """
+    vmas: list[tuple[int, int]] = []
     pos, end = uaddr, uaddr + size
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -380,32 +382,14 @@ def _user_range_problem(uaddr: int, size: int, perm: Perm) -> str | None:
             if lo > pos:
                 break
             if perm & Perm.RO and perms[0] != "r":
-                return f"{pos:#x} is not readable"
+                return f"{pos:#x} is not readable", vmas
             if perm & Perm.WO and perms[1] != "w":
-                return f"{pos:#x} is not writable"
+                return f"{pos:#x} is not writable", vmas
+            vmas.append((lo, hi))
             pos = hi
             if pos >= end:
-                return None
-    return f"{pos:#x} is not mapped in this process"
-
-
-def _vmas_of(uaddr: int, size: int) -> list[tuple[int, int]] | None:
-    """The mappings (start, end) that cover [uaddr, uaddr+size), or None when it is not covered."""
-    out: list[tuple[int, int]] = []
-    pos, end = uaddr, uaddr + size
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            lo_s, _, rest = line.partition("-")
-            lo, hi = int(lo_s, 16), int(rest[: rest.index(" ")], 16)
-            if hi <= pos:
-                continue
-            if lo > pos:
-                return None
-            out.append((lo, hi))
-            pos = hi
-            if pos >= end:
-                return out
-    return None
+                return None, vmas
+    return f"{pos:#x} is not mapped in this process", vmas
 
 
 def _mapping_ids(vmas: list[tuple[int, int]]) -> tuple[tuple[int, int], ...] | None:
@@ -743,10 +727,9 @@ class SimDevice:
         problem = None
         known = self._checked_ranges.pop(key, None)
         if known is None or _mapping_ids(known[0]) != known[1]:
-            problem = _user_range_problem(uaddr, size, perm)
-            vmas = None if problem is not None else _vmas_of(uaddr, size)
-            ids = None if vmas is None else _mapping_ids(vmas)
-            if vmas is not None and ids is not None:
+            problem, vmas = _user_range_problem(uaddr, size, perm)
+            ids = None if problem is not None else _mapping_ids(vmas)
+            if ids is not None:
                 self._checked_ranges[key] = (vmas, ids)
         else:
             self._checked_ranges[key] = known
