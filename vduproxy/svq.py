@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt tr
 
 log = get_logger(__name__)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.svq_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise ImportError(f"vduproxy._svq_core ABI {lib.svq_abi_version()} != {ABI_VERSION}: rebuild it")
 
@@ -104,6 +104,13 @@ class SvqStats:
     broken: bool
     guest_attached: bool
     shadow_attached: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadStats:
+    sleeps: int  # blocking epoll_waits (notifications armed)
+    polls: int  # busy-poll periods started
+    yields: int  # idle rounds spent polling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +355,11 @@ class Svq:
             broken=bool(st.broken),
             guest_attached=bool(st.attached & 1), shadow_attached=bool(st.attached & 2),
         )  # fmt: skip
+
+    def thread_stats(self) -> ThreadStats:
+        st = ffi.new("struct svq_thread_stats *")
+        self._check("svq_get_thread_stats", lib.svq_get_thread_stats(self._handle(), st))
+        return ThreadStats(sleeps=st.sleeps, polls=st.polls, yields=st.yields)
 
     def state(self, vq: int) -> VqState:
         s = ffi.new("struct svq_vq_state *")

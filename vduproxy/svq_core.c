@@ -120,7 +120,14 @@ struct svq {
     int error_efd, ctl_efd, epfd;
     bool running;
     uint32_t busy_poll_us;
+    struct svq_thread_stats tst; /* written by the thread (relaxed atomic adds), read by svq_get_thread_stats */
     pthread_t thread;
+    bool has_thread;            /* created by the first start, joined by svq_free; parked in between runs */
+    pthread_mutex_t park_lock;  /* run_gen, parked, exit_thread */
+    pthread_cond_t park_cv;
+    uint64_t run_gen;
+    bool parked;
+    bool exit_thread;
     pthread_mutex_t lock; /* serialises API calls; the data-path thread never takes it */
     struct svq_region *regions;
     uint32_t nregions;
@@ -375,8 +382,13 @@ static int log_range(svq_t *s, struct vq *q, uint64_t gpa, uint64_t len)
         uint64_t byte = p >> 3;
         unsigned lo = (unsigned)(p & 7), hi = (last >> 3) == byte ? (unsigned)(last & 7) : 7u;
         uint8_t mask = (uint8_t)(((2u << hi) - 1u) & ~((1u << lo) - 1u));
-        uint8_t old = __atomic_fetch_or(&s->log[byte], mask, __ATOMIC_RELAXED);
-        newly += (uint64_t)__builtin_popcount((unsigned)(mask & (uint8_t)~old));
+        /* Recycled buffers hit bits already set (until the front-end's next sync): a plain load skips the locked
+         * RMW then. Seeing the bit set after the device's write is enough: the sync that clears it copies the
+         * page afterwards. */
+        if ((__atomic_load_n(&s->log[byte], __ATOMIC_RELAXED) & mask) != mask) {
+            uint8_t old = __atomic_fetch_or(&s->log[byte], mask, __ATOMIC_RELAXED);
+            newly += (uint64_t)__builtin_popcount((unsigned)(mask & (uint8_t)~old));
+        }
         p = (byte + 1) << 3;
     }
     stat_add(&q->st.dirty_pages, newly);
@@ -825,7 +837,8 @@ static void release_chain(svq_t *s, struct sring *r, uint32_t sh_head)
     r->inflight--;
 }
 
-/* Write one guest used entry (and its log bits). The slot index is masked, so it is always inside the ring. */
+/* Write one guest used entry (logging the buffers the device wrote; the entry itself is logged with the batch by
+ * publish_used). The slot index is masked, so it is always inside the ring. */
 static int put_used(svq_t *s, struct vq *q, uint32_t sh_head, uint32_t len)
 {
     struct gring *g = &q->g;
@@ -835,11 +848,22 @@ static int put_used(svq_t *s, struct vq *q, uint32_t sh_head, uint32_t len)
     if (logging(q) && log_chain(s, q, sh_head, len))
         return -EIO;
     memcpy(g->used + 4 + 8 * (size_t)slot, &e, sizeof(e));
-    if (logging(q) && log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)slot, sizeof(e)))
-        return -EIO;
     release_chain(s, r, sh_head);
     g->used_idx++;
     return 0;
+}
+
+/* Log the used entries [old_used, used_idx) in one or two ranges (the ring may wrap), and the index. */
+static int log_used_batch(svq_t *s, struct vq *q, uint16_t old_used)
+{
+    struct gring *g = &q->g;
+    uint32_t n = (uint16_t)(g->used_idx - old_used), first = old_used & (g->num - 1);
+    uint32_t run = n < g->num - first ? n : g->num - first;
+    if (log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)first, 8 * (uint64_t)run))
+        return -EIO;
+    if (n > run && log_range(s, q, g->log_used_gpa + 4, 8 * (uint64_t)(n - run)))
+        return -EIO;
+    return log_range(s, q, g->log_used_gpa + 2, 2);
 }
 
 /* Publish the guest used index: log bits first, then a release store, then the guest call decision. */
@@ -848,7 +872,7 @@ static int publish_used(svq_t *s, struct vq *q, uint16_t old_used)
     struct gring *g = &q->g;
     if (g->used_idx == old_used)
         return 0;
-    if (logging(q) && log_range(s, q, g->log_used_gpa + 2, 2))
+    if (logging(q) && log_used_batch(s, q, old_used))
         return -EIO;
     st16_rel(g->used + 2, g->used_idx);
     return call_guest(s, q, old_used);
@@ -1036,16 +1060,16 @@ static void handle_event(svq_t *s, const struct epoll_event *ev)
     vq_fail(s, q, "%s fd: %s", is_call ? "device call" : "guest kick", rc == -EPIPE ? "hung up" : strerror(-rc));
 }
 
-static void *svq_thread(void *arg)
+/* The data path, from a start until the stop flag (or a failed epoll). */
+static void svq_run(svq_t *s)
 {
-    svq_t *s = arg;
-    sigset_t all;
-    sigfillset(&all);
-    /* Signals belong to the Python main thread; a write to a dead pipe comes back as EPIPE. */
-    pthread_sigmask(SIG_BLOCK, &all, NULL);
     struct epoll_event evs[32];
     int timeout = 0; /* first round: pick up whatever was pending before start */
-    uint64_t busy_until = 0;
+    uint64_t busy_until = 0, slept_at = 0;
+    /* Busy-polling pays only while wake-ups come faster than the poll would last: count the sleeps that ended
+     * within busy_poll_us in a row, and poll only after two. At a low packet rate (or idle) the thread sleeps at
+     * once and costs no CPU; the one short sleep of a lone packet (its device completion) does not start a poll. */
+    uint32_t short_sleeps = 0;
     uint32_t spins = 0;
     for (;;) {
         /* While busy the rings are looked at anyway: collect the (suppressed, so rare) events now and then only,
@@ -1058,33 +1082,79 @@ static void *svq_thread(void *arg)
                 for (uint32_t i = 0; i < s->nvqs; i++)
                     if (vq_active(&s->vqs[i]))
                         vq_fail(s, &s->vqs[i], "epoll_wait: %s", strerror(errno));
-                return NULL;
+                return;
+            }
+            if (timeout && s->busy_poll_us) {
+                bool short_sleep = now_us() - slept_at < s->busy_poll_us;
+                short_sleeps = short_sleep ? (short_sleeps < 2 ? short_sleeps + 1 : 2) : 0;
             }
             for (int i = 0; i < n; i++) {
                 if (evs[i].data.u64 == CTL_TOKEN)
-                    return NULL;
+                    return;
                 handle_event(s, &evs[i]);
             }
         }
         if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE))
-            return NULL;
+            return;
         bool more = false;
         uint32_t moved = process_all(s, &more);
         timeout = 0;
         if (moved || more) {
-            if (s->busy_poll_us)
+            if (s->busy_poll_us && short_sleeps >= 2) {
+                if (!busy_until)
+                    stat_add(&s->tst.polls, 1);
                 busy_until = now_us() + s->busy_poll_us;
+            }
             continue;
         }
-        if (s->busy_poll_us && now_us() < busy_until) {
+        if (busy_until && now_us() < busy_until) {
             /* Polling, but not a time slice spun away: on a CPU shared with whoever fills or drains the other
              * ring (the device's own thread, a vCPU) they run now, and no eventfd wake-up is ever needed.
              * With the CPU to itself this returns at once: a plain bounded spin. */
+            stat_add(&s->tst.yields, 1);
             sched_yield();
             continue;
         }
-        if (!arm_all(s))
+        if (busy_until) {
+            busy_until = 0;
+            short_sleeps = 0; /* a poll that ran dry: the next one waits for fast wake-ups again */
+        }
+        if (!arm_all(s)) {
             timeout = -1;
+            slept_at = now_us();
+            stat_add(&s->tst.sleeps, 1);
+        }
+    }
+}
+
+/*
+ * One thread per core for its whole life: a stop parks it and a start wakes it, so a mode switch or a paused
+ * configuration call pays a condition-variable round trip instead of a thread exit and creation (which on a busy
+ * CPU took ~100 µs of a switch). run_gen counts starts; `parked` is true while the thread is outside svq_run.
+ */
+static void *svq_thread(void *arg)
+{
+    svq_t *s = arg;
+    sigset_t all;
+    sigfillset(&all);
+    /* Signals belong to the Python main thread; a write to a dead pipe comes back as EPIPE. */
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    uint64_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&s->park_lock);
+        while (s->run_gen == seen && !s->exit_thread)
+            pthread_cond_wait(&s->park_cv, &s->park_lock);
+        if (s->exit_thread) {
+            pthread_mutex_unlock(&s->park_lock);
+            return NULL;
+        }
+        seen = s->run_gen;
+        pthread_mutex_unlock(&s->park_lock);
+        svq_run(s);
+        pthread_mutex_lock(&s->park_lock);
+        s->parked = true;
+        pthread_cond_broadcast(&s->park_cv);
+        pthread_mutex_unlock(&s->park_lock);
     }
 }
 
@@ -1118,11 +1188,19 @@ static int thread_start(svq_t *s)
         if (!watch(s, q, q->g.kick_fd, (uint64_t)i << 1, "guest kick"))
             watch(s, q, q->sh.call_fd, ((uint64_t)i << 1) | 1, "device call");
     }
-    int rc = pthread_create(&s->thread, NULL, svq_thread, s);
-    if (rc) {
-        close_fd(&s->epfd);
-        return -rc;
+    if (!s->has_thread) {
+        int rc = pthread_create(&s->thread, NULL, svq_thread, s);
+        if (rc) {
+            close_fd(&s->epfd);
+            return -rc;
+        }
+        s->has_thread = true;
     }
+    pthread_mutex_lock(&s->park_lock);
+    s->parked = false; /* here, not in the thread: a stop right after this start must wait for the run to end */
+    s->run_gen++;
+    pthread_cond_broadcast(&s->park_cv);
+    pthread_mutex_unlock(&s->park_lock);
     s->running = true;
     return 0;
 }
@@ -1133,7 +1211,10 @@ static void thread_stop(svq_t *s)
         return;
     __atomic_store_n(&s->stop, true, __ATOMIC_RELEASE);
     signal_fd(s->ctl_efd);
-    pthread_join(s->thread, NULL);
+    pthread_mutex_lock(&s->park_lock);
+    while (!s->parked)
+        pthread_cond_wait(&s->park_cv, &s->park_lock);
+    pthread_mutex_unlock(&s->park_lock);
     s->stop = false;
     uint64_t v;
     while (read(s->ctl_efd, &v, sizeof(v)) > 0) {
@@ -1176,6 +1257,16 @@ svq_t *svq_new(uint32_t nvqs, int error_efd)
     }
     if ((e = pthread_mutex_init(&s->lock, NULL)))
         goto fail;
+    if ((e = pthread_mutex_init(&s->park_lock, NULL))) {
+        pthread_mutex_destroy(&s->lock);
+        goto fail;
+    }
+    if ((e = pthread_cond_init(&s->park_cv, NULL))) {
+        pthread_mutex_destroy(&s->park_lock);
+        pthread_mutex_destroy(&s->lock);
+        goto fail;
+    }
+    s->parked = true;
     return s;
 fail:
     close_fd(&s->ctl_efd);
@@ -1216,6 +1307,13 @@ void svq_free(svq_t *s)
     if (!s)
         return;
     thread_stop(s);
+    if (s->has_thread) {
+        pthread_mutex_lock(&s->park_lock);
+        s->exit_thread = true;
+        pthread_cond_broadcast(&s->park_cv);
+        pthread_mutex_unlock(&s->park_lock);
+        pthread_join(s->thread, NULL);
+    }
     for (uint32_t i = 0; i < s->nvqs; i++) {
         detach_guest(&s->vqs[i]);
         detach_shadow(s, &s->vqs[i]);
@@ -1223,6 +1321,8 @@ void svq_free(svq_t *s)
     }
     close_fd(&s->ctl_efd);
     close_fd(&s->error_efd);
+    pthread_cond_destroy(&s->park_cv);
+    pthread_mutex_destroy(&s->park_lock);
     pthread_mutex_destroy(&s->lock);
     free(s->regions);
     free(s->vqs);
@@ -1702,6 +1802,16 @@ int svq_get_learned_mac(svq_t *s, uint32_t vq, uint8_t *out)
         memcpy(out, q->mac, 6);
     pthread_mutex_unlock(&q->info_lock);
     return have;
+}
+
+int svq_get_thread_stats(svq_t *s, struct svq_thread_stats *out)
+{
+    if (!s || !out)
+        return -EINVAL;
+    out->sleeps = __atomic_load_n(&s->tst.sleeps, __ATOMIC_RELAXED);
+    out->polls = __atomic_load_n(&s->tst.polls, __ATOMIC_RELAXED);
+    out->yields = __atomic_load_n(&s->tst.yields, __ATOMIC_RELAXED);
+    return 0;
 }
 
 int svq_get_stats(svq_t *s, uint32_t vq, struct svq_stats *out)

@@ -19,8 +19,9 @@
  * event indexes behind, without it by setting used->flags NO_NOTIFY toward the guest and avail->flags
  * NO_INTERRUPT toward the device); before sleeping it asks again and re-checks both rings after a full barrier.
  * Kicks toward the device and calls toward the guest are one eventfd write per batch, when the other side asks.
- * svq_poll ends the same way (both sides asked to notify). svq_set_busy_poll keeps polling that many
- * microseconds after the last entry moved before sleeping, with notifications still suppressed.
+ * svq_poll ends the same way (both sides asked to notify). svq_set_busy_poll lets the thread keep polling up to
+ * that many microseconds after the last entry moved before sleeping, with notifications still suppressed —
+ * only while its sleeps keep ending sooner than that (two in a row): at low rates it sleeps at once.
  *
  * The part between the CDEF markers is parsed by vduproxy/_build_svq.py: plain declarations only there.
  */
@@ -31,7 +32,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define SVQ_ABI_VERSION 3
+#define SVQ_ABI_VERSION 4
 
 #define SVQ_MAX_VQS 512
 #define SVQ_MAX_REGIONS 512
@@ -84,6 +85,12 @@ struct svq_stats {
     uint32_t attached;
 };
 
+struct svq_thread_stats {
+    uint64_t sleeps; /* epoll_waits that blocked (notifications armed) */
+    uint64_t polls;  /* busy-poll periods started */
+    uint64_t yields; /* idle rounds spent polling (a sched_yield each) */
+};
+
 struct svq_vq_state {
     uint16_t guest_last_avail; /* next guest avail entry the core will read */
     uint16_t guest_used;       /* next guest used index the core will write */
@@ -134,6 +141,7 @@ int svq_inject_tx(svq_t *s, uint32_t vq, const void *frame, size_t len);
 int svq_get_learned_mac(svq_t *s, uint32_t vq, uint8_t *out);
 
 int svq_get_stats(svq_t *s, uint32_t vq, struct svq_stats *out);
+int svq_get_thread_stats(svq_t *s, struct svq_thread_stats *out);
 int svq_get_vq_state(svq_t *s, uint32_t vq, struct svq_vq_state *out);
 int svq_vq_error(svq_t *s, uint32_t vq, char *buf, size_t len);
 /* CDEF-END */

@@ -419,19 +419,54 @@ async def test_thread_forwards_on_kicks_and_calls() -> None:
         assert st.packets == 12 and st.guest_kicks >= 3 and st.device_calls >= 3
 
 
-async def test_thread_busy_poll_needs_no_kicks() -> None:
+async def test_thread_busy_poll_needs_no_kicks_once_wake_ups_come_fast() -> None:
     with Rig(1) as rig:
         q = rig.add_queue(0, 16)
-        rig.svq.set_busy_poll(1_000_000)
+        rig.svq.set_busy_poll(1_000_000)  # every wake-up in this test is "fast" (well within 1 s)
         rig.svq.start()
         with trio.fail_after(30):
+            # The first packet wakes the thread twice (guest kick, device call): two fast wake-ups in a row.
             send_tx(rig, q, [b"p" * 30])
-            os.eventfd_write(q.guest_kick, 1)  # wakes the thread; from here it polls
+            os.eventfd_write(q.guest_kick, 1)
             await wait_count(q.dev_kick)
             (c,) = q.dev.pop()
-            q.dev.complete(c, 0)  # no device call: busy polling must see it
+            q.dev.complete(c, 0)
+            os.eventfd_write(q.dev_call, 1)
+            await wait_count(q.guest_call)
+            assert len(q.driver.poll_used()) == 1
+            assert rig.svq.thread_stats().polls == 1  # ... so the thread polls after the completion it moved
+            send_tx(rig, q, [b"q" * 30])  # no guest kick ...
+            await wait_count(q.dev_kick)
+            (c,) = q.dev.pop()
+            q.dev.complete(c, 0)  # ... and no device call: busy polling must see both
             await wait_count(q.guest_call)
         assert len(q.driver.poll_used()) == 1
+        assert rig.svq.thread_stats().yields > 0
+        rig.svq.stop()
+
+
+async def test_thread_does_not_poll_at_a_low_rate() -> None:
+    """Packets far apart: every sleep outlasts the poll bound, so the thread sleeps at once each time (no CPU spent
+    spinning after a lone packet), however many packets come."""
+    with Rig(1) as rig:
+        q = rig.add_queue(0, 16)
+        rig.svq.set_busy_poll(50)
+        rig.svq.start()
+        with trio.fail_after(30):
+            for i in range(5):
+                await trio.sleep(0.02)
+                send_tx(rig, q, [b"r" * 30])
+                os.eventfd_write(q.guest_kick, 1)
+                await wait_count(q.dev_kick)
+                (c,) = q.dev.pop()
+                await trio.sleep(0.02)
+                q.dev.complete(c, 0)
+                os.eventfd_write(q.dev_call, 1)
+                await wait_count(q.guest_call)
+                assert len(q.driver.poll_used()) == 1, i
+        ts = rig.svq.thread_stats()
+        assert ts.polls == 0 and ts.yields == 0, ts
+        assert ts.sleeps >= 10, ts  # asleep between the kick and the call, and between packets
         rig.svq.stop()
 
 
