@@ -27,7 +27,15 @@ from typing import Any
 import trio
 
 from . import __version__
-from .config import DEFAULT_CONTROL, ConfigError, DaemonConfig, PairConfig, load_config, parse_listen
+from .config import (
+    DEFAULT_BUSY_POLL_US,
+    DEFAULT_CONTROL,
+    ConfigError,
+    DaemonConfig,
+    PairConfig,
+    load_config,
+    parse_listen,
+)
 from .log import configure, get_logger
 
 log = get_logger(__name__)
@@ -131,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--svq-busy-poll", type=_busy_poll, default=None, metavar="USEC",
-        help="the SVQ thread keeps polling USEC µs after its last work, yielding the CPU, before it sleeps "
-        "(default 0: sleep at once; costs CPU, saves wake-ups)",
+        help="the SVQ thread may keep polling up to USEC µs after its last work, yielding the CPU, before it "
+        "sleeps; it polls only while its sleeps keep ending sooner than that (under load), never at low rates "
+        f"(default {DEFAULT_BUSY_POLL_US}; 0: always sleep at once)",
     )  # fmt: skip
     s.add_argument("--socket-mode", type=_mode, default=None, help="octal permissions of the socket (0600)")
     s.add_argument("--socket-group", default=None, help="group owning the socket (e.g. the QEMU user's group)")
@@ -265,7 +274,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         socket=args.socket,
         device=args.device or "sim",
         svq=args.svq or "auto",
-        svq_busy_poll_us=args.svq_busy_poll or 0,
+        svq_busy_poll_us=DEFAULT_BUSY_POLL_US if args.svq_busy_poll is None else args.svq_busy_poll,
         mac=args.mac,
         queues=args.queues,
         client=args.client,

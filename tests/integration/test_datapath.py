@@ -104,11 +104,12 @@ async def test_20_forced_mode_switches_under_traffic(proxy_at: Callable[..., Any
                 pump.check()
 
 
-async def test_svq_busy_poll_moves_every_frame(proxy_at: Callable[..., Any], sock_path: str) -> None:
-    """`--svq-busy-poll`: the SVQ thread polls (yielding) instead of sleeping; nothing may get lost or stuck when
-    it finally sleeps between bursts."""
+@pytest.mark.parametrize("busy_poll", [0, 50, 1000], ids=["sleep", "poll-50us", "poll-1ms"])
+async def test_svq_busy_poll_moves_every_frame(proxy_at: Callable[..., Any], sock_path: str, busy_poll: int) -> None:
+    """`--svq-busy-poll`: under load the SVQ thread polls (yielding) instead of sleeping; nothing may get lost or
+    stuck when it goes back to sleep between bursts, nor when it never polls."""
     variant = VARIANTS[0]
-    async with proxy_at("sim:profile=rich", svq="always", svq_busy_poll_us=50):
+    async with proxy_at("sim:profile=rich", svq="always", svq_busy_poll_us=busy_poll):
         with GuestMemory(256 << 20, regions=2) as mem:
             fe, driver = await start(sock_path, mem, variant)
             async with fe:

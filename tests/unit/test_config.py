@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from vduproxy.config import DEFAULT_CONTROL, ConfigError, config_from_dict, load_config, parse_listen
+from vduproxy.config import (
+    DEFAULT_BUSY_POLL_US,
+    DEFAULT_CONTROL,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_listen,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -139,5 +146,5 @@ def test_contrib_example_config_loads() -> None:
 
 
 def test_svq_busy_poll_is_per_pair() -> None:
-    cfg = config_from_dict({"pairs": {"a": {"socket": "/a", "svq_busy_poll_us": 50}, "b": {"socket": "/b"}}})
-    assert [p.svq_busy_poll_us for p in cfg.pairs] == [50, 0]
+    cfg = config_from_dict({"pairs": {"a": {"socket": "/a", "svq_busy_poll_us": 0}, "b": {"socket": "/b"}}})
+    assert [p.svq_busy_poll_us for p in cfg.pairs] == [0, DEFAULT_BUSY_POLL_US]
