@@ -199,6 +199,11 @@ static void wake(struct sim_dev *d)
     }
 }
 
+/* Whether the data-path thread looks at vqs at all (under the API lock). Configuration of a device that is not
+ * running (before DRIVER_OK, or suspended) needs no wake-up: on a CPU shared with the driver every wake-up is a
+ * pair of context switches per call, and a driver sets a reset device up with dozens of calls. */
+static bool thread_active(const struct sim_dev *d) { return d->driver_ok && !d->suspended; }
+
 static void api_lock(struct sim_dev *d)
 {
     atomic_fetch_add(&d->waiters, 1);
@@ -1620,8 +1625,11 @@ int sim_set_group_asid(struct sim_dev *d, uint32_t group, uint32_t asid)
     api_lock(d);
     d->group_asid[group] = asid;
     d->iotlb_gen++;
+    bool active = thread_active(d);
     api_unlock(d);
-    wake(d);
+    if (active) {
+        wake(d);
+    }
     return 0;
 }
 
@@ -1671,8 +1679,11 @@ int sim_set_vring_addr(struct sim_dev *d, uint32_t index, uint64_t desc, uint64_
         q->addr_set = true;
         q->gen = 0;
     }
+    bool active = thread_active(d);
     api_unlock(d);
-    wake(d);
+    if (active) {
+        wake(d);
+    }
     return rc;
 }
 
@@ -1746,8 +1757,9 @@ static int set_vring_fd(struct sim_dev *d, uint32_t index, int fd, bool kick)
         }
         *slot = nfd;
     }
+    bool active = thread_active(d);
     api_unlock(d);
-    if (!rc && kick) {
+    if (!rc && kick && active) {
         wake(d);
     }
     return rc;
@@ -1775,8 +1787,12 @@ int sim_set_vring_enable(struct sim_dev *d, uint32_t index, int enable, int star
         q->has_error = false;
         q->error[0] = '\0';
     }
+    /* only a vq that starts has work to look for; a stopped one is skipped by the next round anyway */
+    bool starts = enable && q->started && thread_active(d);
     api_unlock(d);
-    wake(d);
+    if (starts) {
+        wake(d);
+    }
     return 0;
 }
 
@@ -1803,9 +1819,10 @@ int sim_iotlb_update(struct sim_dev *d, uint32_t asid, uint64_t iova, uint64_t s
             }
         }
     }
+    bool active = thread_active(d);
     api_unlock(d);
-    if (!rc) {
-        wake(d);
+    if (!rc && active) {
+        wake(d); /* a vq that faulted on a missing map may go on */
     }
     return rc;
 }
@@ -1862,8 +1879,11 @@ int sim_iotlb_batch_end(struct sim_dev *d)
         d->in_batch = false;
         d->iotlb_gen++;
     }
+    bool active = thread_active(d);
     api_unlock(d);
-    wake(d);
+    if (active) {
+        wake(d);
+    }
     return 0;
 }
 
