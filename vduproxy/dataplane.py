@@ -33,7 +33,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import trio
 
 from .backend import FrontendSnapshot, NetBackend, NullDataPlane, StateTransferError, Vring
-from .log import get_logger
+from .config import DEFAULT_BUSY_POLL_US
+from .log import get_logger, held
 from .memory import MemoryMap
 from .migration.compat import Severity, check_compat, device_summary
 from .migration.restore import RestoreError, apply_restore, cvq_caps, plan_restore
@@ -92,7 +93,7 @@ class DeviceSession:
 
     def __init__(
         self, device: VdpaDevice, *, queues: int | None = None, mac: bytes | None = None, svq: str = "auto",
-        svq_busy_poll_us: int = 0,
+        svq_busy_poll_us: int = DEFAULT_BUSY_POLL_US,
     ) -> None:  # fmt: skip
         if svq not in SVQ_MODES:
             raise ValueError(f"svq mode {svq!r} not in {SVQ_MODES}")
@@ -768,10 +769,13 @@ class DeviceDataPlane:
             yield
 
     async def _reconfigure(self, why: str) -> None:
+        # The data path is interrupted until the reconfiguration ends: its log lines (a CVQ command's trace,
+        # device_started) are written right after, in one go, not one reader wake-up at a time inside it.
         async with self._locked():
             self._generation += 1
             try:
-                await self._reconfigure_locked(why)
+                with held():
+                    await self._reconfigure_locked(why)
             except BaseException:
                 # never leave the device half-configured (status bits set, maps in place): the next attempt
                 # starts from a reset device
@@ -782,8 +786,20 @@ class DeviceDataPlane:
 
     async def _reconfigure_locked(self, why: str) -> None:
         t0 = time.perf_counter()
+        # Where a reconfiguration spends its time (logged with device_started): what an operator or the bench
+        # needs to tell a slow device from a slow proxy.
+        phases: dict[str, int] = {}
+        mark = t0
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[name] = round((now - mark) * 1e6)
+            mark = now
+
         was_shadow = self.shadow_active if self.configured else None
         self._stop_device(keep=True)
+        phase("stop")
         if self.mem is None:
             self._forget_configuration()
             return
@@ -816,14 +832,17 @@ class DeviceDataPlane:
         # In passthrough the shadow area is left unmapped (ASID 0 is the guest's: it could point descriptors at it).
         with dev.iotlb_batch():
             self._sync_maps(wanted)
+        phase("features_maps")
         pending = self.session.pending_state
         # What goes through the CVQ (a restored state, the queue pairs, the MAC filter) is in the device before
-        # any data queue runs: with ENABLE_AFTER_DRIVER_OK the data queues are enabled only after the commands;
-        # without it they are enabled before DRIVER_OK (vhost-vdpa cannot enable later) but in SVQ mode stay empty
-        # until the SVQ starts, after the commands, and in passthrough the device may see guest frames during the
-        # (sub-millisecond) commands. It also keeps a switch's CVQ round trips off a CPU busy with traffic.
+        # any data queue runs. In SVQ mode the shadow rings are enabled before DRIVER_OK and stay empty until the SVQ
+        # starts, after the commands. In passthrough the guest's rings hold frames: with ENABLE_AFTER_DRIVER_OK they
+        # are enabled only after the commands (which also keeps the CVQ round trips off a CPU busy with traffic);
+        # without it they are enabled before DRIVER_OK (vhost-vdpa cannot enable later) and the device may see
+        # guest frames during the (sub-millisecond) commands.
         defer_enable = (
-            bool(self.info.backend_features & BackendF.ENABLE_AFTER_DRIVER_OK)
+            not shadow
+            and bool(self.info.backend_features & BackendF.ENABLE_AFTER_DRIVER_OK)
             and bool(features & NetF.CTRL_VQ)
             and (pending is not None or self._needs_cvq())
         )
@@ -847,14 +866,18 @@ class DeviceDataPlane:
         dev.set_status(status | Status.DRIVER_OK)
         self.configured = dict(self.rings)
         self.shadow_active = shadow
+        phase("rings_driver_ok")
         if pending is not None:
             await self._restore(pending, features)
         await self._program_cvq(features)
+        phase("cvq")
         if defer_enable:
             for idx in sorted(self.rings):
                 dev.set_vring_enable(idx, True)
+            phase("enable")
         if shadow:
             self._attach_guest_rings()
+            phase("svq_start")
         await self._after_driver_ok(features)
         took = (time.perf_counter() - t0) * 1e6
         if was_shadow is not None and was_shadow != shadow:
@@ -862,7 +885,7 @@ class DeviceDataPlane:
             self.last_switch_us = took
         self.log.info(
             "device_started", vqs=sorted(self.configured), mode="svq" if shadow else "passthrough",
-            features=hex(features), why=why, took_us=round(took),
+            features=hex(features), why=why, took_us=round(took), phases_us=phases,
         )  # fmt: skip
 
     def _prepare_shadow_area(self) -> None:
@@ -1081,7 +1104,7 @@ class DataPlaneFactory:
 
 def open_dataplane_factory(
     device_spec: str, *, queues: int | None = None, svq: str = "auto", mac: bytes | None = None,
-    svq_busy_poll_us: int = 0,
+    svq_busy_poll_us: int = DEFAULT_BUSY_POLL_US,
 ) -> tuple[DataPlaneFactory, str]:  # fmt: skip
     if device_spec == "none":
         pairs = queues or 1

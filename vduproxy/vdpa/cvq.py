@@ -344,6 +344,11 @@ def describe(data: bytes) -> str:
 _PAGE = 4096
 OUT_MAX = 2 * _PAGE  # header + payload capacity: a MAC table of ~1360 entries
 _ACK_PENDING = 0xFF  # not a valid ack: tells "device never wrote" from ERR
+# A command is first waited for by polling the used ring, yielding the CPU, for at most this long (as QEMU's
+# vhost-vdpa CVQ polls): a device completes in tens of µs, and two eventfd + event-loop wake-ups would cost more
+# than that on a busy CPU (a mode switch sends its MAC on the CPU the data path runs on). Bounded, so a slow device
+# holds the event loop no longer than this before the wait becomes an await.
+SPIN_S = 200e-6
 
 
 class CvqClient:
@@ -593,17 +598,26 @@ class CvqClient:
             raise CvqCommandError(command, ack)
         return Ack.OK
 
+    def _poll_used(self, ring: SplitRingDriver) -> bool:
+        try:
+            return bool(ring.poll_used())
+        except RuntimeError as exc:
+            self._broken = f"device corrupted the used ring: {exc}"
+            raise CvqError(self._broken) from exc
+
     async def _wait_used(self, ring: SplitRingDriver) -> bool:
-        """Wait for our one chain: woken by the call eventfd, re-checking the used ring every few ms in case
-        the device completes without signalling."""
+        """Wait for our one chain: polled for up to SPIN_S, then woken by the call eventfd, re-checking the used
+        ring every few ms in case the device completes without signalling."""
+        deadline = time.perf_counter() + SPIN_S
+        while time.perf_counter() < deadline:
+            if self._poll_used(ring):
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._call)  # the call it may have sent: not a wake-up for the next command
+                return True
+            os.sched_yield()  # the device's thread may share this CPU
         with trio.move_on_after(self.timeout):
             while True:
-                try:
-                    done = ring.poll_used()
-                except RuntimeError as exc:
-                    self._broken = f"device corrupted the used ring: {exc}"
-                    raise CvqError(self._broken) from exc
-                if done:
+                if self._poll_used(ring):
                     return True
                 with trio.move_on_after(0.005):
                     await trio.lowlevel.wait_readable(self._call)
