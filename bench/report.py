@@ -111,8 +111,6 @@ class Target:
 TARGETS: tuple[Target, ...] = (
     Target("SVQ forwarding >= 60 % of the DPDK vhost PMD peer, 64 B", "svq", 64, "peer", low=0.60),
     Target("SVQ forwarding >= 90 % of the DPDK vhost PMD peer, 1500 B", "svq", 1500, "peer", low=0.90),
-    Target("SVQ --svq-busy-poll 50 >= 60 % of the peer, 64 B", "svq-poll", 64, "peer", low=0.60),
-    Target("SVQ --svq-busy-poll 50 >= 90 % of the peer, 1500 B", "svq-poll", 1500, "peer", low=0.90),
     Target("Passthrough within 5 % of the sim device alone, 64 B (same C driver)", "c-passthrough", 64, "c-device",
            0.95, 1.05),
     Target("Dirty logging costs <= 10 % of SVQ throughput, 64 B TX (same C driver)", "c-svq-log", 64, "c-svq",

@@ -21,8 +21,9 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,17 +49,17 @@ MiB = 1024
 MACHINE_BUSY = "_machine_busy"
 PROXY_LOG = "info"  # as an operator runs it: debug events cost a JSON line each on the control path
 
-OPEN_CASES = ("peer", "passthrough", "svq", "svq-poll")
-LOOP_CASES = ("loop-peer", "loop-passthrough", "loop-svq", "loop-svq-poll")
-BUSY_POLL_US = 50  # `serve --svq-busy-poll` for the *-poll cases (the SVQ thread yields while it polls)
+OPEN_CASES = ("peer", "passthrough", "svq", "svq-sleep")
+LOOP_CASES = ("loop-peer", "loop-passthrough", "loop-svq", "loop-svq-sleep")
+# The *-sleep cases turn the SVQ's adaptive busy-poll off (`serve --svq-busy-poll 0`): what it is worth.
 # how each proxy case runs the proxy: --svq, and extra `serve` options
 PROXY_CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "passthrough": ("never", ()),
     "svq": ("always", ()),
-    "svq-poll": ("always", ("--svq-busy-poll", str(BUSY_POLL_US))),
+    "svq-sleep": ("always", ("--svq-busy-poll", "0")),
     "loop-passthrough": ("never", ()),
     "loop-svq": ("always", ()),
-    "loop-svq-poll": ("always", ("--svq-busy-poll", str(BUSY_POLL_US))),
+    "loop-svq-sleep": ("always", ("--svq-busy-poll", "0")),
 }
 CONTROL_CASES = ("control", "switch", "downtime")
 # The same C driver (bench/txgen.c: control plane by the project's front-end, data path in C) on each back-end:
@@ -76,7 +77,7 @@ TITLES = {
     "peer": "peer: DPDK vhost PMD rxonly",
     "passthrough": "vduproxy passthrough → sim sink",
     "svq": "vduproxy SVQ → sim sink",
-    "svq-poll": f"vduproxy SVQ --svq-busy-poll {BUSY_POLL_US} → sim sink",
+    "svq-sleep": "vduproxy SVQ --svq-busy-poll 0 (never polls) → sim sink",
     "device": "sim device alone (= passthrough)",
     "c-device": "C driver → sim sink, no proxy (the device alone)",
     "c-passthrough": "C driver → vduproxy passthrough → sim sink",
@@ -89,7 +90,7 @@ TITLES = {
     "loop-peer": "peer: DPDK vhost PMD macswap",
     "loop-passthrough": "vduproxy passthrough ↔ sim loopback",
     "loop-svq": "vduproxy SVQ ↔ sim loopback",
-    "loop-svq-poll": f"vduproxy SVQ --svq-busy-poll {BUSY_POLL_US} ↔ sim loopback",
+    "loop-svq-sleep": "vduproxy SVQ --svq-busy-poll 0 (never polls) ↔ sim loopback",
 }
 
 CDRIVER_NOTE = (
@@ -539,6 +540,33 @@ def switch_samples(events: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
+def switch_phases(events: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median µs per phase of the proxy's reconfiguration (device_started phases_us), per switch direction."""
+    got: dict[str, dict[str, list[float]]] = {"switch": {}, "switch-back": {}}
+    mode = None
+    for ev in events:
+        if ev.get("event") != "device_started":
+            continue
+        if ev.get("why") == "mode forced" and mode is not None and ev.get("mode") != mode:
+            into = got["switch" if ev.get("mode") == "svq" else "switch-back"]
+            for name, us in (ev.get("phases_us") or {}).items():
+                into.setdefault(name, []).append(float(us))
+        mode = ev.get("mode")
+    return {row: {k: statistics.median(v) for k, v in phases.items()} for row, phases in got.items()}
+
+
+@contextlib.contextmanager
+def off_backend_cpu(ctx: Context) -> Iterator[None]:
+    """This process (the harness: it parses every proxy log line as it arrives) off the back-end CPU while a
+    control-plane figure is taken, so the proxy's timings are not its own work interleaved with the harness's."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {ctx.sender_cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
 async def run_switch(ctx: Context) -> None:
     """Forced passthrough ⇄ SVQ switches while testpmd txonly runs, then GET_VRING_BASE (testpmd `port stop`)
     against a proxy forced into SVQ mode. Figures are the proxy's own timings from its JSON log."""
@@ -575,13 +603,20 @@ async def run_switch(ctx: Context) -> None:
                     await fe.start_forwarding()
                     await trio.sleep(0.1)
             got = switch_samples(proxy.events())
+            for row, phases in switch_phases(proxy.events()).items():
+                rows[row].extra["median_phases_us"] = phases
+                if phases:
+                    rows[row].notes.append(
+                        "proxy phases, median µs: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
+                    )
         got["drain"] += await _drain_samples(ctx, rows["drain"])
         for case, samples in got.items():
             rows[case].samples = [round(x, 3) for x in samples]
             if not samples:
                 _mark([rows[case]], Status.FAILED, "no such event in the proxy log")
 
-    await _guarded(ctx, list(rows.values()), body)
+    with off_backend_cpu(ctx):
+        await _guarded(ctx, list(rows.values()), body)
 
 
 async def _drain_samples(ctx: Context, row: Measurement) -> list[float]:
@@ -696,7 +731,8 @@ async def run_control(ctx: Context) -> None:
             _record_proxy_memory(ctx, proxy)
             ctx.connect_ms += report.connect_to_started_ms(proxy.events(), PROXY_VQS)
 
-    await _guarded(ctx, [m], body)
+    with off_backend_cpu(ctx):
+        await _guarded(ctx, [m], body)
 
 
 def _create_rows(ctx: Context) -> None:
@@ -720,7 +756,7 @@ def finish_rows(ctx: Context) -> None:
     run, s = ctx.run, ctx.settings
     if any(c in s.cases for c in CDRIVER_CASES):
         run.notes.append(CDRIVER_NOTE)
-    if any(c in s.cases for c in ("passthrough", "svq", "svq-poll")):
+    if any(c in s.cases for c in ("passthrough", "svq", "svq-sleep")):
         run.notes.append(SINK_NOTE)
     connect = ctx.row("connect", None, "control-plane", unit="ms")
     connect.title = "connect → device_started (proxy log)"
@@ -754,6 +790,7 @@ async def run(settings: Settings) -> BenchRun:
         "sender": f"testpmd virtio-user, --lcores {ctx.lcores(ctx.sender_cpu)}",
         "back-end": f"testpmd vhost PMD --lcores {ctx.lcores(ctx.backend_cpu)}; "
         f"vduproxy: every thread sched_setaffinity CPU {ctx.backend_cpu}",
+        "harness": f"this runner on CPU {ctx.sender_cpu} during the control-plane cases (switch, drain, connect)",
     }
     if len(cpus) < 2:
         bench_run.notes.append("only one CPU usable: sender and back-end share it")
@@ -763,7 +800,7 @@ async def run(settings: Settings) -> BenchRun:
         for rnd in range(settings.rounds):
             log.info("round", round=rnd + 1, of=settings.rounds)
             # Interleaved per round, so slow drift in the machine's load hits every case alike.
-            for case in ("peer", "passthrough", "svq", "svq-poll"):
+            for case in ("peer", "passthrough", "svq", "svq-sleep"):
                 if case in settings.cases:
                     await run_open_loop(ctx, case)
             for case in LOOP_CASES:
