@@ -128,6 +128,9 @@ class DeviceSession:
         self.backends: list[NetBackend] = []  # live connections (one at a time per socket)
         self.pending_state: DeviceState | None = None  # to restore before the data queues next start
         self.net_state: DeviceState | None = None  # the last restored state: its net settings carry on
+        # (CVQ index, negotiated features) -> whether the CVQ can have an address space of its own: the answer
+        # is fixed per device and negotiation, and asking costs a few calls on every passthrough start.
+        self.cvq_isolation: dict[tuple[int, int], bool] = {}
         log.info(
             "device_probed", device=device.name, features=hex(features), backend_features=hex(backend),
             mac=dev_mac.hex(":"), max_pairs=self.info.max_pairs, ring_max=self.info.ring_max, vqs=self.info.vqs,
@@ -1006,17 +1009,23 @@ class DeviceDataPlane:
         """Whether the proxy's CVQ memory can live in an address space of its own. If not, it shares ASID 0 with
         guest memory, and in passthrough a guest descriptor could point at it: then only the SVQ (which checks
         every guest address) may run alongside the proxy's CVQ."""
-        dev = self.dev
         idx = self._cvq_index()
+        key = (idx, self._device_features())
+        known = self.session.cvq_isolation.get(key)
+        if known is not None:
+            return known
+        dev = self.dev
         try:
-            if not self.info.backend_features & BackendF.IOTLB_ASID or dev.get_as_num() < 2:
-                return False
-            if dev.get_groups_num() < 2:
-                return False
-            group = dev.get_vring_group(idx)
-            return all(dev.get_vring_group(i) != group for i in range(idx))
+            asids = dev.get_as_num() if self.info.backend_features & BackendF.IOTLB_ASID else 1
+            if asids < 2 or dev.get_groups_num() < 2:
+                isolated = False
+            else:
+                group = dev.get_vring_group(idx)
+                isolated = all(dev.get_vring_group(i) != group for i in range(idx))
         except DeviceError:
-            return False
+            return False  # asked again next time
+        self.session.cvq_isolation[key] = isolated
+        return isolated
 
     def _needs_cvq(self) -> bool:
         pairs = len({idx // 2 for idx in self.rings if idx < 2 * self.info.max_pairs})
