@@ -62,6 +62,25 @@ def test_ratio_is_median_over_median_at_the_same_size() -> None:
     assert run.ratio("svq", 64, "missing") is None
 
 
+def test_stricter_ratio_divides_by_the_references_fastest_round() -> None:
+    run = BenchRun(started="2026-01-01T00:00:00+00:00", settings={"repeat": 2, "rounds": 3})
+    run.measurements = [
+        fwd("peer", 64, [16.0, 17.0, 5.0, 5.2, 5.1, 5.3], peer=None),  # fast set-up, then two slow ones
+        fwd("svq", 64, [12.0, 12.2, 12.1, 11.9, 12.0, 12.3]),
+    ]
+    peer = run.find("peer", 64)
+    assert peer is not None
+    assert run.round_medians(peer) == pytest.approx([16.5, 5.1, 5.2])
+    assert run.ratio("svq", 64, "peer") == pytest.approx(12.05 / 5.25)  # the median flatters the case ...
+    assert run.ratio_to_best_round("svq", 64, "peer") == pytest.approx(12.05 / 16.5)  # ... this does not
+    md = report.render_markdown(run)
+    row = next(line for line in md.splitlines() if line.startswith("| SVQ forwarding >= 60 %"))
+    assert row.endswith("| 73 %: met |")
+    # Samples that do not split into whole rounds (a round failed) give no stricter ratio.
+    peer.samples = peer.samples[:5]
+    assert run.round_medians(peer) == [] and run.ratio_to_best_round("svq", 64, "peer") is None
+
+
 def test_ratio_needs_an_ok_reference() -> None:
     run = sample_run()
     peer = run.find("peer", 64)
