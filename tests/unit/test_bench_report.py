@@ -75,7 +75,7 @@ def test_stricter_ratio_divides_by_the_references_fastest_round() -> None:
     assert run.ratio_to_best_round("svq", 64, "peer") == pytest.approx(12.05 / 16.5)  # ... this does not
     md = report.render_markdown(run)
     row = next(line for line in md.splitlines() if line.startswith("| SVQ forwarding >= 60 %"))
-    assert row.endswith("| 73 %: met |")
+    assert row.endswith("| 73.0 %: met |")
     # Samples that do not split into whole rounds (a round failed) give no stricter ratio.
     peer.samples = peer.samples[:5]
     assert run.round_medians(peer) == [] and run.ratio_to_best_round("svq", 64, "peer") is None
