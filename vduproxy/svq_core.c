@@ -383,8 +383,9 @@ static int log_range(svq_t *s, struct vq *q, uint64_t gpa, uint64_t len)
         unsigned lo = (unsigned)(p & 7), hi = (last >> 3) == byte ? (unsigned)(last & 7) : 7u;
         uint8_t mask = (uint8_t)(((2u << hi) - 1u) & ~((1u << lo) - 1u));
         /* Recycled buffers hit bits already set (until the front-end's next sync): a plain load skips the locked
-         * RMW then. Seeing the bit set after the device's write is enough: the sync that clears it copies the
-         * page afterwards. */
+         * RMW then. Seeing the bit set after the write is enough — the sync that clears it copies the page
+         * afterwards — provided the write is visible before this load: the device's is (its used index was read
+         * with acquire), the core's own stores need a full fence first (log_written). */
         if ((__atomic_load_n(&s->log[byte], __ATOMIC_RELAXED) & mask) != mask) {
             uint8_t old = __atomic_fetch_or(&s->log[byte], mask, __ATOMIC_RELAXED);
             newly += (uint64_t)__builtin_popcount((unsigned)(mask & (uint8_t)~old));
@@ -393,6 +394,15 @@ static int log_range(svq_t *s, struct vq *q, uint64_t gpa, uint64_t len)
     }
     stat_add(&q->st.dirty_pages, newly);
     return 0;
+}
+
+/* Log what the core itself just stored into guest memory: its store must be visible before log_range tests the
+ * bit (a store may still sit in the store buffer when a later load runs, even on x86). Always after the store:
+ * a bit set before it could be cleared by a sync that copies the page before the store lands. */
+static int log_written(svq_t *s, struct vq *q, uint64_t gpa, uint64_t len)
+{
+    full_fence();
+    return log_range(s, q, gpa, len);
 }
 
 /* Log the writable buffers of a guest indirect table the device wrote through, up to *left bytes. */
@@ -853,12 +863,18 @@ static int put_used(svq_t *s, struct vq *q, uint32_t sh_head, uint32_t len)
     return 0;
 }
 
-/* Log the used entries [old_used, used_idx) in one or two ranges (the ring may wrap), and the index. */
+/* Log the used entries [old_used, used_idx) — one or two ranges as the ring wraps, the whole ring when a batch
+ * is longer than the guest ring (a shadow ring may be larger) — and the index, after their stores. */
 static int log_used_batch(svq_t *s, struct vq *q, uint16_t old_used)
 {
     struct gring *g = &q->g;
     uint32_t n = (uint16_t)(g->used_idx - old_used), first = old_used & (g->num - 1);
+    if (n >= g->num) {
+        first = 0;
+        n = g->num;
+    }
     uint32_t run = n < g->num - first ? n : g->num - first;
+    full_fence(); /* the entries and the index are the core's own stores: see log_written */
     if (log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)first, 8 * (uint64_t)run))
         return -EIO;
     if (n > run && log_range(s, q, g->log_used_gpa + 4, 8 * (uint64_t)(n - run)))
@@ -866,15 +882,15 @@ static int log_used_batch(svq_t *s, struct vq *q, uint16_t old_used)
     return log_range(s, q, g->log_used_gpa + 2, 2);
 }
 
-/* Publish the guest used index: log bits first, then a release store, then the guest call decision. */
+/* Publish the guest used index (a release store), log what the batch wrote, then decide on the guest call. */
 static int publish_used(svq_t *s, struct vq *q, uint16_t old_used)
 {
     struct gring *g = &q->g;
     if (g->used_idx == old_used)
         return 0;
+    st16_rel(g->used + 2, g->used_idx);
     if (logging(q) && log_used_batch(s, q, old_used))
         return -EIO;
-    st16_rel(g->used + 2, g->used_idx);
     return call_guest(s, q, old_used);
 }
 
@@ -918,6 +934,8 @@ static uint32_t process_used(svq_t *s, struct vq *q)
             }
             if (rx_fix && bridge_num_buffers(s, q, e.id, e.len))
                 goto out;
+            if (rx_fix && logging(q))
+                full_fence(); /* num_buffers is the core's own store, logged with the chain: see log_written */
             if (put_used(s, q, e.id, e.len))
                 goto out;
             r->last_used++;
@@ -954,7 +972,7 @@ static int quiet_vq(svq_t *s, struct vq *q)
     if (q->g.flags & SVQ_F_EVENT_IDX)
         return 0;
     st16(q->g.used, USED_F_NO_NOTIFY);
-    return logging(q) ? log_range(s, q, q->g.log_used_gpa, 2) : 0;
+    return logging(q) ? log_written(s, q, q->g.log_used_gpa, 2) : 0;
 }
 
 /* Write avail_event (guest EVENT_IDX) so the guest kicks once it publishes past what was consumed. */
@@ -965,7 +983,7 @@ static int set_avail_event(svq_t *s, struct vq *q, uint16_t value)
     if (ld16(p) == value)
         return 0;
     st16(p, value);
-    return logging(q) ? log_range(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)g->num, 2) : 0;
+    return logging(q) ? log_written(s, q, g->log_used_gpa + 4 + 8 * (uint64_t)g->num, 2) : 0;
 }
 
 /* Guest used->flags back to "notify me" (the core starts and ends with it clear, whoever set it before). */
@@ -974,7 +992,7 @@ static int clear_no_notify(svq_t *s, struct vq *q)
     if (!ld16(q->g.used))
         return 0;
     st16(q->g.used, 0);
-    return logging(q) ? log_range(s, q, q->g.log_used_gpa, 2) : 0;
+    return logging(q) ? log_written(s, q, q->g.log_used_gpa, 2) : 0;
 }
 
 /* Returns true when either side has work the core can do now (after asking both to notify again). */
