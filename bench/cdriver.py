@@ -438,19 +438,17 @@ class DeviceRig:
 
     def start(self, mem: GuestMemory, address: int) -> None:
         """Map guest memory (`address`: where it is mapped in this process), give the rings, DRIVER_OK."""
-        from vduproxy.vdpa.device import Perm
+        from vduproxy.vdpa.device import Perm, program_vq
 
         dev = self.dev
         with dev.iotlb_batch():
             for region in mem.regions:
                 dev.iotlb_update(region.gpa, region.size, address + region.mmap_offset, Perm.RW)
         for vq in (self.driver.rx(), self.driver.tx()):
-            dev.set_vring_num(vq.index, vq.num)
-            dev.set_vring_base(vq.index, 0)
-            dev.set_vring_addr(vq.index, vq.desc_gpa, vq.avail_gpa, vq.used_gpa)
-            dev.set_vring_kick(vq.index, vq.kick_fd)
-            dev.set_vring_call(vq.index, vq.call_fd)
-            dev.set_vring_enable(vq.index, True)
+            program_vq(
+                dev, vq.index, num=vq.num, desc=vq.desc_gpa, avail=vq.avail_gpa, used=vq.used_gpa, base=0,
+                kick=vq.kick_fd, call=vq.call_fd,
+            )  # fmt: skip
         dev.set_status(self.status | Status.DRIVER_OK)
 
     def evidence(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from .migration.state import RX_MODE_DEFAULT, DeviceState, MacSource, StateError
 from .migration.state import VringState as SavedVring
 from .svq import INJECT_SLOT, NET_HDR_LEN_DEVICE, DevFlags, GuestFlags, Region, Svq, SvqError
 from .vdpa.cvq import CvqClient, CvqError
-from .vdpa.device import BackendF, DeviceError, Perm, VdpaDevice
+from .vdpa.device import BackendF, DeviceError, Perm, VdpaDevice, program_vq
 from .virtio import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, NetF, Status
 from .vring import RingLayout
 
@@ -855,12 +855,10 @@ class DeviceDataPlane:
         else:
             for idx, ring in sorted(self.rings.items()):
                 assert ring.desc_gpa is not None and ring.avail_gpa is not None and ring.used_gpa is not None
-                dev.set_vring_num(idx, ring.num)
-                dev.set_vring_addr(idx, ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
-                dev.set_vring_base(idx, ring.base)
-                dev.set_vring_kick(idx, ring.kick_fd)
-                dev.set_vring_call(idx, ring.call_fd)
-                dev.set_vring_enable(idx, not defer_enable)
+                program_vq(
+                    dev, idx, num=ring.num, desc=ring.desc_gpa, avail=ring.avail_gpa, used=ring.used_gpa,
+                    base=ring.base, kick=ring.kick_fd, call=ring.call_fd, enable=not defer_enable,
+                )  # fmt: skip
         if features & NetF.CTRL_VQ:
             self._setup_cvq(shadow)
         elif self.cvq is not None:
@@ -966,14 +964,11 @@ class DeviceDataPlane:
                 used=base_local + lay.used_off, base=ring.base, kick_fd=sh.kick, call_fd=sh.call,
                 flags=dev_flags | (rx_flags if idx % 2 == 0 else 0),
             )  # fmt: skip
-            dev.set_vring_num(idx, sh.num)
-            dev.set_vring_addr(
-                idx, self.area_iova + lay.desc_off, self.area_iova + lay.avail_off, self.area_iova + lay.used_off
-            )
-            dev.set_vring_base(idx, ring.base)
-            dev.set_vring_kick(idx, sh.kick)
-            dev.set_vring_call(idx, sh.call)
-            dev.set_vring_enable(idx, enable)
+            iova = self.area_iova
+            program_vq(
+                dev, idx, num=sh.num, desc=iova + lay.desc_off, avail=iova + lay.avail_off, used=iova + lay.used_off,
+                base=ring.base, kick=sh.kick, call=sh.call, enable=enable,
+            )  # fmt: skip
 
     def _attach_guest_rings(self) -> None:
         assert self.svq is not None and self.mem is not None

@@ -29,7 +29,7 @@ from types import TracebackType
 import trio
 
 from ..log import get_logger
-from ..vdpa.device import BackendF, DeviceError, DeviceFault, IovaRange, Perm, VdpaDevice, VqStats
+from ..vdpa.device import BackendF, DeviceError, DeviceFault, IovaRange, Perm, VdpaDevice, VqStats, program_vq
 from ..virtio import VIRTIO_NET_HDR_LEN, NetF, Status, describe_features
 from ..vring import Buf, RingLayout, SplitRingDriver
 
@@ -437,13 +437,10 @@ class DeviceHarness:
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         vq = Vq(index, ring, arena, kick, call)
         self.vqs[index] = vq
-        dev = self.device
-        dev.set_vring_num(index, self.ring_num)
-        dev.set_vring_base(index, self.base)
-        dev.set_vring_addr(index, ring.desc_addr, ring.avail_addr, ring.used_addr)
-        dev.set_vring_kick(index, kick)
-        dev.set_vring_call(index, call)
-        dev.set_vring_enable(index, True)
+        program_vq(
+            self.device, index, num=self.ring_num, desc=ring.desc_addr, avail=ring.avail_addr, used=ring.used_addr,
+            base=self.base, kick=kick, call=call,
+        )  # fmt: skip
         return vq
 
     def driver_ok(self) -> None:

@@ -28,7 +28,7 @@ import trio
 from ..log import get_logger
 from ..virtio import Status
 from ..vring import Buf, RingLayout, SplitRingDriver
-from .device import BackendF, DeviceError, Perm, VdpaDevice
+from .device import BackendF, DeviceError, Perm, VdpaDevice, program_vq
 
 log = get_logger(__name__)
 
@@ -502,14 +502,11 @@ class CvqClient:
         self.log.debug("cvq_rearmed", iova=hex(self.iova), asid=self.asid)
 
     def _program_vq(self, ring: SplitRingDriver) -> None:
-        dev = self.device
         self._vq_set = True
-        dev.set_vring_num(self.vq_index, self.ring_num)
-        dev.set_vring_base(self.vq_index, 0)
-        dev.set_vring_addr(self.vq_index, ring.desc_addr, ring.avail_addr, ring.used_addr)
-        dev.set_vring_kick(self.vq_index, self._kick)
-        dev.set_vring_call(self.vq_index, self._call)
-        dev.set_vring_enable(self.vq_index, True)
+        program_vq(
+            self.device, self.vq_index, num=self.ring_num, desc=ring.desc_addr, avail=ring.avail_addr,
+            used=ring.used_addr, base=0, kick=self._kick, call=self._call,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Undo setup. Device errors are logged, not raised: the device may have been reset already."""

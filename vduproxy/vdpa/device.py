@@ -139,6 +139,20 @@ class VdpaDevice(Protocol):
     def take_faults(self) -> list[DeviceFault]: ...
 
 
+def program_vq(
+    dev: VdpaDevice, index: int, *, num: int, desc: int, avail: int, used: int, base: int, kick: int, call: int,
+    enable: bool = True,
+) -> None:  # fmt: skip
+    """Give the device one virtqueue (addresses are IOVAs) and set it ready — or leave it not ready for an enable
+    after DRIVER_OK (BackendF.ENABLE_AFTER_DRIVER_OK)."""
+    dev.set_vring_num(index, num)
+    dev.set_vring_base(index, base)
+    dev.set_vring_addr(index, desc, avail, used)
+    dev.set_vring_kick(index, kick)
+    dev.set_vring_call(index, call)
+    dev.set_vring_enable(index, enable)
+
+
 def iter_vq_indices(pairs: int) -> Iterator[int]:
     """Data vq indices of `pairs` queue pairs: RX = 2i, TX = 2i+1."""
     yield from range(2 * pairs)
