@@ -217,6 +217,16 @@ static void api_unlock(struct sim_dev *d)
     pthread_mutex_unlock(&d->mu);
 }
 
+/* api_unlock, then wake the thread if the call gave it something to act on (`wanted`) and it is running. */
+static void api_unlock_wake(struct sim_dev *d, bool wanted)
+{
+    bool wake_it = wanted && thread_active(d);
+    api_unlock(d);
+    if (wake_it) {
+        wake(d);
+    }
+}
+
 static void thread_lock(struct sim_dev *d)
 {
     pthread_mutex_lock(&d->mu);
@@ -1625,11 +1635,7 @@ int sim_set_group_asid(struct sim_dev *d, uint32_t group, uint32_t asid)
     api_lock(d);
     d->group_asid[group] = asid;
     d->iotlb_gen++;
-    bool active = thread_active(d);
-    api_unlock(d);
-    if (active) {
-        wake(d);
-    }
+    api_unlock_wake(d, true);
     return 0;
 }
 
@@ -1679,11 +1685,7 @@ int sim_set_vring_addr(struct sim_dev *d, uint32_t index, uint64_t desc, uint64_
         q->addr_set = true;
         q->gen = 0;
     }
-    bool active = thread_active(d);
-    api_unlock(d);
-    if (active) {
-        wake(d);
-    }
+    api_unlock_wake(d, true);
     return rc;
 }
 
@@ -1757,11 +1759,7 @@ static int set_vring_fd(struct sim_dev *d, uint32_t index, int fd, bool kick)
         }
         *slot = nfd;
     }
-    bool active = thread_active(d);
-    api_unlock(d);
-    if (!rc && kick && active) {
-        wake(d);
-    }
+    api_unlock_wake(d, !rc && kick);
     return rc;
 }
 
@@ -1788,11 +1786,7 @@ int sim_set_vring_enable(struct sim_dev *d, uint32_t index, int enable, int star
         q->error[0] = '\0';
     }
     /* only a vq that starts has work to look for; a stopped one is skipped by the next round anyway */
-    bool starts = enable && q->started && thread_active(d);
-    api_unlock(d);
-    if (starts) {
-        wake(d);
-    }
+    api_unlock_wake(d, enable && q->started);
     return 0;
 }
 
@@ -1819,11 +1813,7 @@ int sim_iotlb_update(struct sim_dev *d, uint32_t asid, uint64_t iova, uint64_t s
             }
         }
     }
-    bool active = thread_active(d);
-    api_unlock(d);
-    if (!rc && active) {
-        wake(d); /* a vq that faulted on a missing map may go on */
-    }
+    api_unlock_wake(d, !rc); /* a vq that faulted on a missing map may go on */
     return rc;
 }
 
@@ -1879,11 +1869,7 @@ int sim_iotlb_batch_end(struct sim_dev *d)
         d->in_batch = false;
         d->iotlb_gen++;
     }
-    bool active = thread_active(d);
-    api_unlock(d);
-    if (active) {
-        wake(d);
-    }
+    api_unlock_wake(d, true);
     return 0;
 }
 
