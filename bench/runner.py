@@ -526,33 +526,25 @@ SWITCH_ROWS = {
 DRAIN_BURST = 192  # frames queued on TX (ring of 256) right before GET_VRING_BASE: the SVQ has work in flight
 
 
-def switch_samples(events: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
-    """ms per forced mode switch (by the mode it switched to) and per GET_VRING_BASE of a running SVQ ring."""
+def switch_samples(
+    events: Sequence[dict[str, Any]],
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """ms per forced mode switch (by the mode it switched to) and per GET_VRING_BASE of a running SVQ ring; and
+    the median µs of each phase of those switches (device_started phases_us), per direction."""
     out: dict[str, list[float]] = {"switch": [], "switch-back": [], "drain": []}
+    phases: dict[str, dict[str, list[float]]] = {"switch": {}, "switch-back": {}}
     mode = None
     for ev in events:
         if ev.get("event") == "device_started":
             if ev.get("why") == "mode forced" and mode is not None and ev.get("mode") != mode:
-                out["switch" if ev.get("mode") == "svq" else "switch-back"].append(ev["took_us"] / 1000)
+                row = "switch" if ev.get("mode") == "svq" else "switch-back"
+                out[row].append(ev["took_us"] / 1000)
+                for name, us in (ev.get("phases_us") or {}).items():
+                    phases[row].setdefault(name, []).append(float(us))
             mode = ev.get("mode")
         elif ev.get("event") == "vring_stopped" and ev.get("was_running") and mode == "svq":
             out["drain"].append(ev["took_us"] / 1000)
-    return out
-
-
-def switch_phases(events: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Median µs per phase of the proxy's reconfiguration (device_started phases_us), per switch direction."""
-    got: dict[str, dict[str, list[float]]] = {"switch": {}, "switch-back": {}}
-    mode = None
-    for ev in events:
-        if ev.get("event") != "device_started":
-            continue
-        if ev.get("why") == "mode forced" and mode is not None and ev.get("mode") != mode:
-            into = got["switch" if ev.get("mode") == "svq" else "switch-back"]
-            for name, us in (ev.get("phases_us") or {}).items():
-                into.setdefault(name, []).append(float(us))
-        mode = ev.get("mode")
-    return {row: {k: statistics.median(v) for k, v in phases.items()} for row, phases in got.items()}
+    return out, {row: {k: statistics.median(v) for k, v in got.items()} for row, got in phases.items()}
 
 
 @contextlib.contextmanager
@@ -602,8 +594,8 @@ async def run_switch(ctx: Context) -> None:
                     pin_threads(proxy.pid, ctx.backend_cpu)
                     await fe.start_forwarding()
                     await trio.sleep(0.1)
-            got = switch_samples(proxy.events())
-            for row, phases in switch_phases(proxy.events()).items():
+            got, median_phases = switch_samples(proxy.events())
+            for row, phases in median_phases.items():
                 rows[row].extra["median_phases_us"] = phases
                 if phases:
                     rows[row].notes.append(

@@ -347,7 +347,7 @@ def test_switch_samples_from_proxy_events() -> None:
     from bench.runner import switch_samples
 
     def started(mode: str, why: str, us: int) -> dict[str, object]:
-        return {"event": "device_started", "mode": mode, "why": why, "took_us": us}
+        return {"event": "device_started", "mode": mode, "why": why, "took_us": us, "phases_us": {"stop": us // 10}}
 
     events = [
         started("passthrough", "vring 1 started", 900),  # start-up: not a switch
@@ -359,4 +359,6 @@ def test_switch_samples_from_proxy_events() -> None:
         {"event": "vring_stopped", "was_running": True, "took_us": 300},
         {"event": "vring_stopped", "was_running": False, "took_us": 3},  # answered for a stopped ring
     ]
-    assert switch_samples(events) == {"switch": [0.4, 0.5], "switch-back": [0.6], "drain": [0.3]}
+    samples, phases = switch_samples(events)
+    assert samples == {"switch": [0.4, 0.5], "switch-back": [0.6], "drain": [0.3]}
+    assert phases == {"switch": {"stop": 45.0}, "switch-back": {"stop": 60.0}}  # medians over the switches only
