@@ -10,7 +10,6 @@ from typing import Any, TextIO
 
 import structlog
 
-_configured = False
 HOLD_MAX = 256  # lines held at most; more are written at once (a hold is for short sections)
 
 
@@ -80,7 +79,7 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 def configure(level: str = "info", *, json: bool | None = None, stream: Any = None) -> None:
     """Configure structlog for the whole process. Later calls reconfigure (the CLI calls it once)."""
-    global _configured, _sink
+    global _sink
     out = stream if stream is not None else sys.stderr
     if json is None:
         json = not (hasattr(out, "isatty") and out.isatty())
@@ -101,7 +100,6 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
         logger_factory=lambda *args: _SinkLogger(sink),
         cache_logger_on_first_use=False,
     )
-    _configured = True
 
 
 def get_logger(name: str, **ctx: Any) -> Any:
